@@ -1,0 +1,274 @@
+"""Adversarial attacks from the Adversarial Robustness Toolbox (ART), for training and evaluation.
+
+Two uses, as in Fisher, Shahar & Resheff (2024), "Neural Fingerprints for Adversarial Attack Detection":
+
+- **Fingerprint training data** (:func:`attack_into_classes`): for each focal class ``c``, images of
+  the other classes attacked with a *targeted* L-inf attack (iterative FGSM = ART's
+  ``BasicIterativeMethod``, and PGD) so that the model predicts ``c``. Only successful attacks count.
+- **Evaluation** (:func:`run_attack`): FGSM, BIM, PGD, CW-L2 and DeepFool (untargeted) and targeted
+  PGD, on the test split, each with its parameters recorded beside its results.
+
+Attack hyper-parameters have one home, :data:`ATTACK_DEFAULTS`, keyed by data set.
+All attacks take and return ``(N, C, H, W) float32`` images in ``[0, 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels.errors import InvalidInputError
+
+ATTACK_NAMES = ("fgsm", "bim", "pgd", "pgd-targeted", "cw-l2", "deepfool")
+LINF_ATTACKS = ("fgsm", "bim", "pgd", "pgd-targeted")
+TRAINING_METHODS = ("bim", "pgd")
+
+
+@dataclass(frozen=True)
+class AttackDefaults:
+    """Per-data-set attack parameters.
+
+    Attributes:
+        eps: L-inf budget of the evaluation attacks.
+        eps_step: step of the iterative L-inf attacks, as a fraction of their ``eps``.
+        max_iter: iterations of the iterative L-inf attacks.
+        train_eps: L-inf budgets cycled over the fingerprint-training attacks; a mix makes the bank
+            see weak and strong attacks.
+        cw: parameters of ART's ``CarliniL2Method``.
+        deepfool: parameters of ART's ``DeepFool``.
+    """
+
+    eps: float
+    eps_step: float = 0.1
+    max_iter: int = 40
+    train_eps: tuple[float, ...] = ()
+    cw: dict[str, Any] = field(default_factory=lambda: {
+        "confidence": 0.0, "learning_rate": 0.1, "binary_search_steps": 5, "max_iter": 20, "initial_const": 0.1})
+    deepfool: dict[str, Any] = field(default_factory=lambda: {"max_iter": 50, "epsilon": 0.02})
+
+
+# MNIST's customary budget is 0.3 (Madry et al., 2018); Fashion-MNIST is usually attacked at 0.1;
+# natural images at 8/255.
+ATTACK_DEFAULTS: dict[str, AttackDefaults] = {
+    "mnist": AttackDefaults(eps=0.3, train_eps=(0.1, 0.2, 0.3)),
+    "fashion-mnist": AttackDefaults(eps=0.1, train_eps=(0.05, 0.1, 0.2)),
+    "default": AttackDefaults(eps=8 / 255, max_iter=10, eps_step=0.25, train_eps=(4 / 255, 8 / 255)),
+}
+
+
+def attack_defaults(dataset: str) -> AttackDefaults:
+    """Attack parameters for a data-set name; unknown names (folders, .npz) get natural-image ones."""
+    return ATTACK_DEFAULTS.get(dataset, ATTACK_DEFAULTS["default"])
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One configured attack: its name and every parameter passed to ART.
+
+    Build with :meth:`from_defaults`; ``params`` is what the report records beside the results.
+    """
+
+    name: str
+    params: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.name not in ATTACK_NAMES:
+            raise InvalidInputError(f"unknown attack {self.name!r}; available: {', '.join(ATTACK_NAMES)}")
+
+    @property
+    def targeted(self) -> bool:
+        return self.name == "pgd-targeted" or bool(self.params.get("targeted", False))
+
+    @property
+    def label(self) -> str:
+        """A file-name-safe identifier, e.g. ``pgd-targeted_eps0.1``."""
+        return f"{self.name}_eps{self.params['eps']:g}" if "eps" in self.params else self.name
+
+    @classmethod
+    def from_defaults(cls, name: str, defaults: AttackDefaults, **overrides: Any) -> "AttackSpec":
+        if name not in ATTACK_NAMES:
+            raise InvalidInputError(f"unknown attack {name!r}; available: {', '.join(ATTACK_NAMES)}")
+        if name in LINF_ATTACKS:
+            eps = float(overrides.pop("eps", defaults.eps))
+            params: dict[str, Any] = {"eps": eps}
+            if name != "fgsm":
+                params.update(eps_step=eps * defaults.eps_step, max_iter=defaults.max_iter)
+            if name == "pgd-targeted":
+                params["targeted"] = True
+        elif name == "cw-l2":
+            params = dict(defaults.cw)
+        else:
+            params = dict(defaults.deepfool)
+        unknown = set(overrides) - set(params) - {"targeted"}
+        if unknown:
+            raise InvalidInputError(f"attack {name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(params)}")
+        params.update(overrides)
+        return cls(name, params)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_attack(text: str, defaults: AttackDefaults) -> AttackSpec:
+    """Parse a command-line attack, ``name`` or ``name:key=value,key=value`` (e.g. ``pgd:eps=0.1``)."""
+    name, _, rest = text.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise InvalidInputError(f"attack option {item!r} in {text!r} is not key=value")
+        overrides[key.strip()] = float(value) if key.strip() != "max_iter" else int(value)
+    return AttackSpec.from_defaults(name.strip(), defaults, **overrides)
+
+
+def art_classifier(model: nn.Module, input_shape: tuple[int, ...], num_classes: int):
+    """Wrap a logits-returning model for ART, with inputs clipped to [0, 1]."""
+    from art.estimators.classification import PyTorchClassifier
+
+    model.eval()
+    return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
+                             nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="cpu")
+
+
+def make_art_attack(spec: AttackSpec, classifier, batch_size: int = 128, progress: bool = False):
+    """Instantiate the ART attack described by ``spec``."""
+    from art.attacks.evasion import (BasicIterativeMethod, CarliniL2Method, DeepFool,
+                                     FastGradientMethod, ProjectedGradientDescent)
+
+    p = dict(spec.params)
+    if spec.name == "fgsm":
+        return FastGradientMethod(classifier, norm=np.inf, eps=p["eps"], targeted=spec.targeted, batch_size=batch_size)
+    if spec.name == "bim":
+        return BasicIterativeMethod(classifier, eps=p["eps"], eps_step=p["eps_step"], max_iter=p["max_iter"],
+                                    targeted=spec.targeted, batch_size=batch_size, verbose=progress)
+    if spec.name in ("pgd", "pgd-targeted"):
+        return ProjectedGradientDescent(classifier, norm=np.inf, eps=p["eps"], eps_step=p["eps_step"],
+                                        max_iter=p["max_iter"], targeted=spec.targeted, num_random_init=1,
+                                        batch_size=batch_size, verbose=progress)
+    if spec.name == "cw-l2":
+        return CarliniL2Method(classifier, targeted=spec.targeted, batch_size=batch_size, verbose=progress,
+                               **{k: p[k] for k in ("confidence", "learning_rate", "binary_search_steps",
+                                                    "max_iter", "initial_const")})
+    return DeepFool(classifier, max_iter=p["max_iter"], epsilon=p["epsilon"], nb_grads=classifier.nb_classes,
+                    batch_size=batch_size, verbose=progress)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Images attacked by one :class:`AttackSpec`.
+
+    Attributes:
+        spec: the attack and its parameters.
+        x_adv: ``(N, C, H, W) float32`` attacked images.
+        source: ``(N,) int64`` dataset indices of the images attacked.
+        true_label: ``(N,) int64`` their labels.
+        target: ``(N,) int64`` class aimed at (targeted attacks) or -1.
+        adv_label: ``(N,) int64`` the model's prediction on ``x_adv``.
+        success: ``(N,) bool``: reaches the target, or (untargeted) leaves the true label.
+        linf, l2: ``(N,) float32`` size of each perturbation.
+    """
+
+    spec: AttackSpec
+    x_adv: np.ndarray
+    source: np.ndarray
+    true_label: np.ndarray
+    target: np.ndarray
+    adv_label: np.ndarray
+    success: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        ok = self.success
+        return {"attack": self.spec.label, "params": self.spec.params, "attempted": int(len(ok)),
+                "successful": int(ok.sum()), "success_rate": round(float(ok.mean()), 4),
+                "mean_linf_successful": round(float(self.linf[ok].mean()), 4) if ok.any() else None,
+                "mean_l2_successful": round(float(self.l2[ok].mean()), 4) if ok.any() else None}
+
+
+def _predict(classifier, x: np.ndarray) -> np.ndarray:
+    return classifier.predict(x, batch_size=512).argmax(1).astype(np.int64)
+
+
+def run_attack(spec: AttackSpec, model: nn.Module, x: np.ndarray, y: np.ndarray, source: np.ndarray,
+               num_classes: int, seed: int = 0, target: np.ndarray | None = None,
+               batch_size: int = 128, progress: bool = True) -> AttackResult:
+    """Attack images ``x`` with true labels ``y``; targeted attacks aim at ``target`` or, if not given,
+    at a seeded random class other than the true one."""
+    if len(x) == 0:
+        raise InvalidInputError(f"{spec.label}: no images to attack")
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # ART draws PGD's random start from NumPy's global generator
+    clf = art_classifier(model, x.shape[1:], num_classes)
+    if spec.targeted:
+        if target is None:
+            rng = np.random.default_rng(seed)
+            target = (y + rng.integers(1, num_classes, size=len(y))) % num_classes
+        labels = np.eye(num_classes, dtype=np.float32)[target]
+    else:
+        target = np.full(len(y), -1, dtype=np.int64)
+        labels = np.eye(num_classes, dtype=np.float32)[y]
+    x_adv = make_art_attack(spec, clf, batch_size, progress).generate(x=x, y=labels).astype(np.float32)
+    adv = _predict(clf, x_adv)
+    success = adv == target if spec.targeted else adv != y
+    delta = (x_adv - x).reshape(len(x), -1)
+    return AttackResult(spec, x_adv, np.asarray(source, np.int64), np.asarray(y, np.int64),
+                        np.asarray(target, np.int64), adv, success,
+                        np.abs(delta).max(1), np.linalg.norm(delta, axis=1).astype(np.float32))
+
+
+def attack_into_classes(model: nn.Module, x: np.ndarray, y: np.ndarray, source: np.ndarray, num_classes: int,
+                        defaults: AttackDefaults, per_class: int = 200, seed: int = 0,
+                        progress: bool = True) -> list[AttackResult]:
+    """Targeted L-inf attacks that push images of other classes into each focal class.
+
+    For every focal class ``c``, ``per_class`` images are drawn (seeded) evenly from the other classes;
+    each is assigned one method from :data:`TRAINING_METHODS` and one budget from
+    ``defaults.train_eps`` in turn, and attacked towards ``c``. Pass only correctly classified images.
+
+    Returns one :class:`AttackResult` per (method, eps); ``target`` holds the focal class.
+    """
+    if per_class < 1:
+        raise InvalidInputError(f"per_class must be at least 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen, focal = [], []
+    for c in range(num_classes):
+        others = np.flatnonzero(y != c)
+        if len(others) == 0:
+            raise InvalidInputError(f"no images outside class {c} to attack into it")
+        pick = rng.choice(others, size=min(per_class, len(others)), replace=False)
+        chosen.append(pick)
+        focal.append(np.full(len(pick), c, dtype=np.int64))
+    chosen_idx, focal_arr = np.concatenate(chosen), np.concatenate(focal)
+    combos = [(m, e) for e in defaults.train_eps for m in TRAINING_METHODS]
+    assignment = np.arange(len(chosen_idx)) % len(combos)
+    assignment = assignment[rng.permutation(len(assignment))]
+    results = []
+    for i, (method, eps) in enumerate(combos):
+        sel = np.flatnonzero(assignment == i)
+        if len(sel) == 0:
+            continue
+        spec = AttackSpec.from_defaults(method, defaults, eps=eps, targeted=True)
+        rows = chosen_idx[sel]
+        results.append(run_attack(spec, model, x[rows], y[rows], source[rows], num_classes, seed=seed + i,
+                                  target=focal_arr[sel], progress=progress))
+    return results
+
+
+def merge_results(results: list[AttackResult]) -> dict[str, np.ndarray]:
+    """Concatenate attack results into arrays for an ``.npz`` (method index into ``specs``)."""
+    return {
+        "x_adv": np.concatenate([r.x_adv for r in results]),
+        "source": np.concatenate([r.source for r in results]),
+        "true_label": np.concatenate([r.true_label for r in results]),
+        "target": np.concatenate([r.target for r in results]),
+        "adv_label": np.concatenate([r.adv_label for r in results]),
+        "success": np.concatenate([r.success for r in results]),
+        "linf": np.concatenate([r.linf for r in results]),
+        "l2": np.concatenate([r.l2 for r in results]),
+        "spec_index": np.concatenate([np.full(len(r.success), i, np.int64) for i, r in enumerate(results)]),
+    }
+

@@ -1,0 +1,126 @@
+"""``nfp``: the offline pipeline of neural-fingerprint attack detection, one sub-command per stage.
+
+Every stage reads and writes one output folder (``--out``) and records what it did in
+``<out>/manifest.json``. ``nfp pipeline`` runs all stages on the embedded default (MNIST-5k).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kernels.errors import FingerprintError
+
+DEFAULT_OUT = Path("runs/default")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder of the pipeline (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist",
+                   help="'mnist' (5,000 images, embedded), 'fashion-mnist' (Debian package dataset-fashion-mnist), "
+                        "a folder with one sub-folder of images per class, or an .npz with x and y (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default: %(default)s)")
+    p.add_argument("--fractions", type=float, nargs=3, metavar=("FIT", "CAL", "TEST"), default=(0.6, 0.2, 0.2),
+                   help="shares of the fit, calibration and test splits (default: 0.6 0.2 0.2)")
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from export.training import TrainingConfig
+
+    d = TrainingConfig()
+    p.add_argument("--factory", help="your model: 'package.module:function' returning an nn.Module that maps "
+                                     "(B, C, H, W) images in [0, 1] to logits (default: the built-in small CNN)")
+    p.add_argument("--factory-kwargs", type=json.loads, default={}, help="JSON keyword arguments for --factory")
+    p.add_argument("--weights", type=Path, help="a state_dict for the model: load it instead of training")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--train-seed", type=int, default=d.seed, help="seed of initialisation and batches (default: %(default)s)")
+
+
+def _add_attack(p: argparse.ArgumentParser) -> None:
+    from export.attacks import ATTACK_NAMES
+    from export.pipeline import DEFAULT_EVAL_COUNT, DEFAULT_TRAIN_PER_CLASS
+
+    p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS,
+                   help="images of other classes attacked into each focal class for the bank (default: %(default)s)")
+    p.add_argument("--eval-attacks", nargs="+", default=list(ATTACK_NAMES), metavar="ATTACK",
+                   help="evaluation attacks, each 'name' or 'name:key=value,...', e.g. 'pgd:eps=0.1' "
+                        f"(names: {', '.join(ATTACK_NAMES)}; default: all at the data set's defaults)")
+    p.add_argument("--eval-count", type=int, default=DEFAULT_EVAL_COUNT,
+                   help="test images attacked by each evaluation attack (default: %(default)s)")
+    p.add_argument("--attack-seed", type=int, default=0, help="(default: %(default)s)")
+
+
+def _add_capture(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", nargs="+", metavar="LAYER",
+                   help="module names to capture, 'name' for its output or 'name:input' for its input "
+                        "(default: outputs of the last three linear/conv layers, i.e. pre-activation values)")
+    p.add_argument("--capture-batch-size", type=int, default=256, help="(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages = {
+        "prepare": ("load a data set and make the seeded fit / calibration / test splits", [_add_prepare]),
+        "train": ("train the classifier on the fit split, or load your model's weights", [_add_train]),
+        "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)", [_add_attack]),
+        "capture": ("capture the fingerprinted layers' activations of every image set", [_add_capture]),
+        "pipeline": ("run every stage in order (the README's main job)",
+                     [_add_prepare, _add_train, _add_attack, _add_capture]),
+    }
+    for name, (help_text, adders) in stages.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        for add in adders:
+            add(p)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    from export import pipeline
+    from export.training import TrainingConfig
+    from export.workspace import Workspace
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ws, progress, cmd = Workspace(args.out), not args.quiet, args.command
+    report = {}
+    if cmd in ("prepare", "pipeline"):
+        report["prepare"] = pipeline.prepare(ws, args.dataset, args.seed, args.fractions)
+    if cmd in ("train", "pipeline"):
+        config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
+        report["train"] = pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress)
+    if cmd in ("attack", "pipeline"):
+        summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress)
+        report["attack"] = {"train_successful_per_focal_class": summary["train"]["successful_per_focal_class"],
+                            "eval": {k: f"{v['successful']}/{v['attempted']} successful" for k, v in summary["eval"].items()}}
+    if cmd in ("capture", "pipeline"):
+        layout = pipeline.capture(ws, args.layers, args.capture_batch_size, progress)
+        report["capture"] = {"layers": layout.layers, "num_neurons": layout.num_neurons}
+    print(json.dumps(report, indent=2))
+    print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except FingerprintError as e:
+        print(f"nfp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Classifiers: the built-in small CNN, user models from an import path, and checkpoints.
+
+A classifier is described by a :class:`ClassifierSpec` (JSON) beside its weights (a ``state_dict``
+saved by ``torch.save`` and read back with ``weights_only=True``, so loading never runs pickled code).
+Models take ``(B, C, H, W) float32`` images in ``[0, 1]`` and return ``(B, num_classes)`` logits;
+any normalisation belongs inside the model so that attacks and serving see the same input range.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from kernels.errors import InvalidInputError, ModelMismatchError
+
+
+class SmallCNN(nn.Module):
+    """The embedded default classifier: two conv blocks and three fully connected layers.
+
+    The fully connected stack mirrors LeNet-5's, whose last layers the paper fingerprints
+    (Fisher, Shahar & Resheff, 2024, "Neural Fingerprints for Adversarial Attack Detection").
+    ReLUs are separate, non-in-place modules so that a layer's pre-activation output can be
+    captured by name (``fc1``, ``fc2``, ``fc3``).
+
+    Args:
+        in_channels: image channels (1 for MNIST).
+        image_size: height and width of the square input (28 for MNIST).
+        num_classes: number of logits.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        side = image_size // 4
+        self.fc1 = nn.Linear(64 * side * side, 256)
+        self.relu3 = nn.ReLU()
+        self.dropout = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(256, 128)
+        self.relu4 = nn.ReLU()
+        self.fc3 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.dropout(self.relu3(self.fc1(self.flatten(x))))
+        return self.fc3(self.relu4(self.fc2(x)))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN}
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How to rebuild a classifier: a built-in architecture name or ``module:factory`` import path.
+
+    Attributes:
+        architecture: key of :data:`ARCHITECTURES` or ``"package.module:factory"``.
+        kwargs: keyword arguments of the architecture or factory (JSON values).
+        input_shape: ``(C, H, W)`` of one image.
+        num_classes: number of logits.
+    """
+
+    architecture: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        factory = ARCHITECTURES.get(self.architecture) or load_factory(self.architecture)
+        model = factory(**self.kwargs)
+        if not isinstance(model, nn.Module):
+            raise InvalidInputError(f"{self.architecture} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ClassifierSpec":
+        return cls(d["architecture"], tuple(d["input_shape"]), int(d["num_classes"]), dict(d.get("kwargs", {})))
+
+
+def default_spec(input_shape: tuple[int, int, int], num_classes: int) -> ClassifierSpec:
+    """The built-in small CNN sized for ``input_shape`` (square images)."""
+    c, h, w = input_shape
+    if h != w:
+        raise InvalidInputError(f"small-cnn needs square images, got {h}x{w}; bring your own model with --factory")
+    return ClassifierSpec("small-cnn", input_shape, num_classes, {"in_channels": c, "image_size": h, "num_classes": num_classes})
+
+
+def load_factory(path: str) -> Callable[..., nn.Module]:
+    """Import ``"package.module:factory"`` and return the callable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInputError(
+            f"unknown architecture {path!r}: use one of {sorted(ARCHITECTURES)} or an import path 'package.module:factory'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InvalidInputError(f"cannot import {module_name!r} for model factory {path!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise InvalidInputError(f"{module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: nn.Module, spec: ClassifierSpec, weights: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write ``weights`` (state_dict) and ``weights.with_suffix('.json')`` (spec, hash, extra facts)."""
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    meta = {"spec": spec.to_json(), "weights": weights.name, "sha256": sha256_file(weights), **(extra or {})}
+    weights.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+
+def load_weights(model: nn.Module, weights: Path) -> nn.Module:
+    """Load a state_dict into ``model`` without unpickling code; a mismatch names the bad keys."""
+    try:
+        state = torch.load(Path(weights), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InvalidInputError(f"weights file not found: {weights}") from None
+    except Exception as e:  # torch raises several types for corrupt or non-weights files
+        raise ModelMismatchError(f"{weights} is not a readable state_dict: {e}") from e
+    if not isinstance(state, dict):
+        raise ModelMismatchError(f"{weights} holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if wrong:
+            parts.append(f"shape mismatch {wrong[:5]}")
+        raise ModelMismatchError(f"weights {weights} do not match {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_checkpoint(weights: Path) -> tuple[nn.Module, ClassifierSpec]:
+    """Rebuild a classifier saved by :func:`save_checkpoint`, in eval mode."""
+    meta_path = Path(weights).with_suffix(".json")
+    if not meta_path.is_file():
+        raise InvalidInputError(f"{meta_path} not found: it describes how to rebuild {weights}")
+    spec = ClassifierSpec.from_json(json.loads(meta_path.read_text())["spec"])
+    return load_weights(spec.build(), weights), spec
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Logits ``(N, num_classes) float32`` of images ``(N, C, H, W) float32`` in eval mode."""
+    model.eval()
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).numpy()
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out)

@@ -1,0 +1,204 @@
+"""The offline pipeline's stages, each reading and writing one :class:`~export.workspace.Workspace`.
+
+``prepare`` -> ``train`` -> ``attack`` -> ``capture``. The command line (``nfp``) calls these
+functions one per sub-command; ``run_pipeline`` calls them in order.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from export.activations import ActivationLayout, capture_activations
+from export.attacks import (ATTACK_NAMES, AttackResult, attack_defaults, attack_into_classes, merge_results,
+                            parse_attack, run_attack)
+from export.datasets import DEFAULT_SPLIT_FRACTIONS, Dataset, Splits, load_dataset, split_dataset
+from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, predict, save_checkpoint
+from export.training import TrainingConfig, train_classifier
+from export.workspace import Workspace
+from kernels.errors import InvalidInputError, ModelMismatchError
+
+DEFAULT_EVAL_ATTACKS = ATTACK_NAMES
+DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
+DEFAULT_EVAL_COUNT = 500        # test images attacked by each evaluation attack
+
+
+def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
+    """The data set and splits recorded by ``prepare``."""
+    meta = ws.read_json(ws.data_json, "prepare")
+    ds = load_dataset(meta["dataset"])
+    if len(ds.y) != meta["num_images"] or ds.class_names != tuple(meta["class_names"]):
+        raise ModelMismatchError(f"data set {meta['dataset']!r} changed since `prepare` ({meta['num_images']} images then, "
+                                 f"{len(ds.y)} now): run prepare again")
+    s = ws.load_npz(ws.splits, "prepare")
+    return ds, Splits(s["fit"], s["calibration"], s["test"]), meta
+
+
+def prepare(ws: Workspace, dataset: str = "mnist", seed: int = 0,
+            fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS) -> dict[str, Any]:
+    """Load the data set, make the seeded splits, and record both."""
+    started = time.time()
+    ds = load_dataset(dataset)
+    splits = split_dataset(ds.y, seed, tuple(fractions))  # type: ignore[arg-type]
+    ws.root.mkdir(parents=True, exist_ok=True)
+    np.savez(ws.splits, **splits.as_dict())
+    meta = {"dataset": dataset, "num_images": len(ds.y), "image_shape": ds.image_shape,
+            "class_names": ds.class_names, "seed": seed, "fractions": list(fractions),
+            "split_sizes": {k: len(v) for k, v in splits.as_dict().items()}}
+    ws.write_json(ws.data_json, meta)
+    ws.record("prepare", {"dataset": dataset, "seed": seed, "fractions": list(fractions)},
+              [ws.data_json, ws.splits], started, meta["split_sizes"])
+    return meta
+
+
+def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    return float((predict(model, x).argmax(1) == y).mean())
+
+
+def correctly_classified(model: torch.nn.Module, ds: Dataset, idx: np.ndarray) -> np.ndarray:
+    """The indices among ``idx`` whose image the model labels correctly."""
+    return idx[predict(model, ds.x[idx]).argmax(1) == ds.y[idx]]
+
+
+def train(ws: Workspace, config: TrainingConfig = TrainingConfig(), factory: str | None = None,
+          factory_kwargs: dict[str, Any] | None = None, weights: Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train the classifier on the fit split, or load a user's weights, and report accuracy per split.
+
+    Args:
+        factory: ``"package.module:factory"`` returning an ``nn.Module``; default the built-in small CNN.
+        factory_kwargs: keyword arguments for the factory.
+        weights: an existing state_dict for the model; then nothing is trained.
+    """
+    started = time.time()
+    ds, splits, _ = load_prepared(ws)
+    spec = (ClassifierSpec(factory, ds.image_shape, ds.num_classes, dict(factory_kwargs or {}))
+            if factory else default_spec(ds.image_shape, ds.num_classes))
+    model = spec.build()
+    torch.manual_seed(config.seed)
+    train_seconds = 0.0
+    if weights is not None:
+        load_weights(model, weights)
+    else:
+        t = time.time()
+        train_classifier(model, ds.x[splits.fit], ds.y[splits.fit], config, progress)
+        train_seconds = time.time() - t
+    logits = predict(model, ds.x[:1])
+    if logits.shape[1] != ds.num_classes:
+        raise ModelMismatchError(f"model gives {logits.shape[1]} logits but the data set has {ds.num_classes} classes")
+    acc = {name: round(accuracy(model, ds.x[idx], ds.y[idx]), 4) for name, idx in splits.as_dict().items()}
+    results = {"accuracy": acc, "train_seconds": round(train_seconds, 1), "trained": weights is None}
+    save_checkpoint(model, spec, ws.classifier, {"training": asdict(config) if weights is None else None, **results})
+    ws.record("train", {"factory": factory, "weights": str(weights) if weights else None, **asdict(config)},
+              [ws.classifier, ws.classifier.with_suffix(".json")], started, results)
+    return results
+
+
+def load_classifier(ws: Workspace) -> torch.nn.Module:
+    return load_checkpoint(ws.require(ws.classifier, "train"))[0]
+
+
+def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks: Sequence[str] = DEFAULT_EVAL_ATTACKS,
+           eval_count: int = DEFAULT_EVAL_COUNT, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Targeted training attacks into every class (fit split), and evaluation attacks (test split).
+
+    Only correctly classified images are attacked. Writes ``attacks/train.npz`` and one
+    ``attacks/eval/<attack>.npz`` per evaluation attack, with ``attacks/summary.json``.
+    """
+    started = time.time()
+    ds, splits, meta = load_prepared(ws)
+    model = load_classifier(ws)
+    defaults = attack_defaults(meta["dataset"])
+    specs = [parse_attack(a, defaults) for a in eval_attacks]
+
+    fit = correctly_classified(model, ds, splits.fit)
+    train_results = attack_into_classes(model, ds.x[fit], ds.y[fit], fit, ds.num_classes, defaults,
+                                        per_class, seed, progress)
+    merged = merge_results(train_results)
+    ws.attacks.mkdir(parents=True, exist_ok=True)
+    train_path = ws.attacks / "train.npz"
+    np.savez(train_path, **merged)
+    ok = merged["success"]
+    per_class_counts = {ds.class_names[c]: int((ok & (merged["target"] == c)).sum()) for c in range(ds.num_classes)}
+    summary: dict[str, Any] = {
+        "train": {"attacks": [r.summary() for r in train_results], "successful_per_focal_class": per_class_counts,
+                  "attempted": int(len(ok)), "successful": int(ok.sum())},
+        "eval": {},
+    }
+    files = [train_path]
+    test = correctly_classified(model, ds, splits.test)
+    rng = np.random.default_rng(seed)
+    test = np.sort(rng.choice(test, size=min(eval_count, len(test)), replace=False))
+    (ws.attacks / "eval").mkdir(exist_ok=True)
+    for i, spec in enumerate(specs):
+        result = run_attack(spec, model, ds.x[test], ds.y[test], test, ds.num_classes, seed=seed + 1000 + i,
+                            progress=progress)
+        path = ws.attacks / "eval" / f"{spec.label}.npz"
+        np.savez(path, **merge_results([result]))
+        files.append(path)
+        summary["eval"][spec.label] = result.summary()
+    files.append(ws.write_json(ws.attacks / "summary.json", summary))
+    ws.record("attack", {"per_class": per_class, "eval_attacks": list(eval_attacks), "eval_count": eval_count,
+                         "seed": seed}, files, started,
+              {"train_successful_per_focal_class": per_class_counts,
+               "eval_success_rate": {k: v["success_rate"] for k, v in summary["eval"].items()}})
+    return summary
+
+
+def capture(ws: Workspace, layers: Sequence[str] | None = None, batch_size: int = 256,
+            progress: bool = True) -> ActivationLayout:
+    """Capture activations of every set the later stages need.
+
+    Sets: ``fit_clean`` (fit images the model classifies correctly), ``fit_attacked`` (successful
+    training attacks; ``label`` is the focal class), ``calibration``, ``test``, and ``eval_<attack>``
+    for each evaluation attack. Each set is ``<set>.npy`` ``(N, D) float32`` plus ``<set>.npz`` with
+    ``label`` (true class; focal class for ``fit_attacked``), ``predicted`` and ``source`` (dataset index).
+    """
+    started = time.time()
+    ds, splits, _ = load_prepared(ws)
+    model = load_classifier(ws)
+    out = ws.activations
+    out.mkdir(parents=True, exist_ok=True)
+    train_adv = ws.load_npz(ws.attacks / "train.npz", "attack")
+    ok = train_adv["success"]
+    fit = correctly_classified(model, ds, splits.fit)  # the method's clean set
+    sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
+        "fit_clean": (ds.x[fit], ds.y[fit], fit),
+        "fit_attacked": (train_adv["x_adv"][ok], train_adv["target"][ok], train_adv["source"][ok]),
+        "calibration": (ds.x[splits.calibration], ds.y[splits.calibration], splits.calibration),
+        "test": (ds.x[splits.test], ds.y[splits.test], splits.test),
+    }
+    for path in sorted((ws.attacks / "eval").glob("*.npz")):
+        adv = ws.load_npz(path, "attack")
+        sets[f"eval_{path.stem}"] = (adv["x_adv"], adv["true_label"], adv["source"])
+
+    layout, files, counts = None, [], {}
+    for name, (x, label, source) in sets.items():
+        if len(x) == 0:
+            raise InvalidInputError(f"activation set {name!r} is empty: no images to capture")
+        _, lay, logits = capture_activations(model, x, layers, batch_size, out / f"{name}.npy",
+                                                progress=progress, return_logits=True)
+        pred = logits.argmax(1)
+        if layout is not None and lay != layout:
+            raise ModelMismatchError(f"set {name} has layout {lay.layers}, others {layout.layers}")
+        layout = lay
+        np.savez(out / f"{name}.npz", label=label, predicted=pred, source=source)
+        files += [out / f"{name}.npy", out / f"{name}.npz"]
+        counts[name] = int(len(label))
+    assert layout is not None
+    layout.save(out / "layout.json")
+    files.append(out / "layout.json")
+    ws.record("capture", {"layers": layout.layers, "batch_size": batch_size}, files, started,
+              {"num_neurons": layout.num_neurons, "rows": counts})
+    return layout
+
+
+def load_activation_set(ws: Workspace, name: str, mmap: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(acts (N, D) float32, {"label", "predicted", "source"})`` of one captured set."""
+    acts = np.load(ws.require(ws.activations / f"{name}.npy", "capture"), mmap_mode="r" if mmap else None,
+                   allow_pickle=False)
+    return acts, ws.load_npz(ws.activations / f"{name}.npz", "capture")
