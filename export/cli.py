@@ -44,7 +44,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _add_attack(p: argparse.ArgumentParser) -> None:
-    from export.attacks import ATTACK_NAMES
+    from export.attacks import ATTACK_DEFAULTS, ATTACK_NAMES
     from export.pipeline import DEFAULT_EVAL_COUNT, DEFAULT_TRAIN_PER_CLASS
 
     p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS,
@@ -55,6 +55,9 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-count", type=int, default=DEFAULT_EVAL_COUNT,
                    help="test images attacked by each evaluation attack (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--attack-profile", choices=sorted(ATTACK_DEFAULTS),
+                   help="which data set's attack defaults to use (default: the data set's own; 'default' for "
+                        "folders and .npz files: natural images, eps 8/255)")
 
 
 def _add_capture(p: argparse.ArgumentParser) -> None:
@@ -102,7 +105,8 @@ def run(args: argparse.Namespace) -> None:
         config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
         report["train"] = pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress)
     if cmd in ("attack", "pipeline"):
-        summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress)
+        summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress,
+                                   args.attack_profile)
         report["attack"] = {"train_successful_per_focal_class": summary["train"]["successful_per_focal_class"],
                             "eval": {k: f"{v['successful']}/{v['attempted']} successful" for k, v in summary["eval"].items()}}
     if cmd in ("capture", "pipeline"):

@@ -1,0 +1,43 @@
+"""data -> train -> attack -> capture through the command line, on 600 real MNIST images."""
+import json
+
+import numpy as np
+import pytest
+
+from export.cli import main
+
+
+def test_cli_runs_every_stage_and_records_a_manifest(tmp_path, mnist_npz, capsys):
+    out = tmp_path / "run"
+    rc = main(["--threads", "2", "pipeline", "--out", str(out), "--quiet", "--dataset", str(mnist_npz),
+               "--epochs", "4", "--per-class", "6", "--eval-count", "12", "--attack-profile", "mnist",
+               "--eval-attacks", "fgsm", "pgd-targeted:eps=0.2", "deepfool", "cw-l2:max_iter=3,binary_search_steps=1"])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["accuracy"]["test"] > 0.7
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture"]
+    assert "activations/fit_attacked.npy" in manifest["stages"]["capture"]["files"]
+
+    layout = json.loads((out / "activations" / "layout.json").read_text())
+    assert layout["num_neurons"] == 394
+    attacked = np.load(out / "activations" / "fit_attacked.npy")
+    meta = np.load(out / "activations" / "fit_attacked.npz")
+    assert attacked.shape == (len(meta["label"]), 394)
+    np.testing.assert_array_equal(meta["predicted"], meta["label"])  # attacked rows land in their focal class
+    for name in ("eval_fgsm_eps0.3", "eval_pgd-targeted_eps0.2", "eval_deepfool", "eval_cw-l2"):
+        assert (out / "activations" / f"{name}.npy").exists()
+    summary = json.loads((out / "attacks" / "summary.json").read_text())
+    assert summary["eval"]["cw-l2"]["params"]["max_iter"] == 3
+
+
+def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
+    assert main(["capture", "--out", str(tmp_path / "nothing")]) == 2
+    assert "run `nfp prepare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "pipeline"])
+def test_every_subcommand_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--out" in capsys.readouterr().out
