@@ -37,6 +37,7 @@ class AttackDefaults:
         max_iter: iterations of the iterative L-inf attacks.
         train_eps: the ladder of L-inf budgets of the fingerprint-training attacks
             (see :func:`attack_into_classes`).
+        sweep_eps: L-inf budgets of the default evaluation suite (:func:`evaluation_suite`).
         cw: parameters of ART's ``CarliniL2Method``.
         deepfool: parameters of ART's ``DeepFool``.
     """
@@ -45,6 +46,7 @@ class AttackDefaults:
     eps_step: float = 0.1
     max_iter: int = 40
     train_eps: tuple[float, ...] = ()
+    sweep_eps: tuple[float, ...] = ()
     cw: dict[str, Any] = field(default_factory=lambda: {
         "confidence": 0.0, "learning_rate": 0.1, "binary_search_steps": 5, "max_iter": 20, "initial_const": 0.1})
     deepfool: dict[str, Any] = field(default_factory=lambda: {"max_iter": 50, "epsilon": 0.02})
@@ -53,10 +55,17 @@ class AttackDefaults:
 # MNIST's customary budget is 0.3 (Madry et al., 2018); Fashion-MNIST is usually attacked at 0.1;
 # natural images at 8/255.
 ATTACK_DEFAULTS: dict[str, AttackDefaults] = {
-    "mnist": AttackDefaults(eps=0.3, train_eps=(0.2, 0.3)),  # targeted eps 0.1 succeeded on 4%
-    "fashion-mnist": AttackDefaults(eps=0.1, train_eps=(0.05, 0.1, 0.2)),
-    "default": AttackDefaults(eps=8 / 255, max_iter=10, eps_step=0.25, train_eps=(4 / 255, 8 / 255)),
+    "mnist": AttackDefaults(eps=0.3, train_eps=(0.2, 0.3),  # targeted eps 0.1 succeeded on 4%
+                            sweep_eps=(0.05, 0.1, 0.2, 0.3)),
+    "fashion-mnist": AttackDefaults(eps=0.1, train_eps=(0.05, 0.1, 0.2), sweep_eps=(0.02, 0.05, 0.1, 0.2)),
+    "default": AttackDefaults(eps=8 / 255, max_iter=10, eps_step=0.25, train_eps=(4 / 255, 8 / 255),
+                              sweep_eps=(2 / 255, 4 / 255, 8 / 255)),
 }
+
+
+def evaluation_suite(defaults: AttackDefaults) -> list[str]:
+    """Every L-inf attack at every budget of ``sweep_eps``, then CW-L2 and DeepFool."""
+    return [f"{name}:eps={eps:g}" for eps in defaults.sweep_eps for name in LINF_ATTACKS] + ["cw-l2", "deepfool"]
 
 
 def attack_defaults(dataset: str) -> AttackDefaults:

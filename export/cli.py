@@ -49,9 +49,10 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS,
                    help="images of other classes attacked into each focal class for the bank (default: %(default)s)")
-    p.add_argument("--eval-attacks", nargs="+", default=list(ATTACK_NAMES), metavar="ATTACK",
+    p.add_argument("--eval-attacks", nargs="+", metavar="ATTACK",
                    help="evaluation attacks, each 'name' or 'name:key=value,...', e.g. 'pgd:eps=0.1' "
-                        f"(names: {', '.join(ATTACK_NAMES)}; default: all at the data set's defaults)")
+                        f"(names: {', '.join(ATTACK_NAMES)}; default: every L-inf attack over the data set's "
+                        "budget sweep, then cw-l2 and deepfool)")
     p.add_argument("--eval-count", type=int, default=DEFAULT_EVAL_COUNT,
                    help="test images attacked by each evaluation attack (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="(default: %(default)s)")
@@ -63,8 +64,39 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
 def _add_capture(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", metavar="LAYER",
                    help="module names to capture, 'name' for its output or 'name:input' for its input "
-                        "(default: outputs of the last three linear/conv layers, i.e. pre-activation values)")
+                        "(default: outputs of the last four linear/conv layers, i.e. pre-activation values)")
     p.add_argument("--capture-batch-size", type=int, default=256, help="(default: %(default)s)")
+
+
+def _add_search(p: argparse.ArgumentParser) -> None:
+    from export.fingerprint_search import SearchConfig
+
+    d = SearchConfig()
+    p.add_argument("--k", type=int, nargs="+", default=list(d.k),
+                   help="neurons per fingerprint; several sizes mix (default: %(default)s; the paper: 50)")
+    p.add_argument("--candidates", type=int, default=d.candidates, help="candidates tried per class (default: %(default)s)")
+    p.add_argument("--p-max", type=float, default=d.p_max, help="Welch t-test p-value bound (default: %(default)s)")
+    p.add_argument("--d-min", type=float, default=d.d_min, help="|Cohen's d| bound (default: %(default)s)")
+    p.add_argument("--keep", type=int, default=d.keep, help="fingerprints kept per class (default: %(default)s)")
+    p.add_argument("--search-method", choices=["auto", "covariance", "gather"], default=d.method,
+                   help="how subset statistics are computed (default: %(default)s)")
+    p.add_argument("--search-seed", type=int, default=d.seed, help="(default: %(default)s)")
+
+
+def _add_calibrate(p: argparse.ArgumentParser) -> None:
+    from export.pipeline import DEFAULT_M
+    from kernels.calibration import DEFAULT_FPRS
+
+    p.add_argument("--m", type=int, default=DEFAULT_M, help="fingerprints drawn per input (default: %(default)s)")
+    p.add_argument("--fprs", type=float, nargs="+", default=list(DEFAULT_FPRS),
+                   help="false-positive rates to calibrate (default: %(default)s)")
+    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the draws while calibrating (default: %(default)s)")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-seed", type=int, default=1, help="seed of the draws on the test split (default: %(default)s)")
+    p.add_argument("--spread-draws", type=int, default=100,
+                   help="independent draws for the spread of TPR at 1%% FPR (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train": ("train the classifier on the fit split, or load your model's weights", [_add_train]),
         "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)", [_add_attack]),
         "capture": ("capture the fingerprinted layers' activations of every image set", [_add_capture]),
+        "search": ("search each class's fingerprints and write the bank", [_add_search]),
+        "calibrate": ("set detection thresholds on the calibration split", [_add_calibrate]),
+        "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_evaluate]),
         "pipeline": ("run every stage in order (the README's main job)",
-                     [_add_prepare, _add_train, _add_attack, _add_capture]),
+                     [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate]),
     }
     for name, (help_text, adders) in stages.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -112,7 +147,22 @@ def run(args: argparse.Namespace) -> None:
     if cmd in ("capture", "pipeline"):
         layout = pipeline.capture(ws, args.layers, args.capture_batch_size, progress)
         report["capture"] = {"layers": layout.layers, "num_neurons": layout.num_neurons}
+    if cmd in ("search", "pipeline"):
+        from export.fingerprint_search import SearchConfig
+
+        config = SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
+                              keep=args.keep, method=args.search_method, seed=args.search_seed)
+        report["search"] = pipeline.search(ws, config, progress)
+    if cmd in ("calibrate", "pipeline"):
+        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed)
+    table = None
+    if cmd in ("evaluate", "pipeline"):
+        table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
+        report["evaluate"] = f"{ws.root}/report/evaluation.md, evaluation.json, roc.png"
     print(json.dumps(report, indent=2))
+    if table:
+        print("\nDetection on the test split (fingerprint LRT beside the gray-pixel baseline):\n")
+        print(table)
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
 
 

@@ -14,16 +14,20 @@ import numpy as np
 import torch
 
 from export.activations import ActivationLayout, capture_activations
-from export.attacks import (ATTACK_NAMES, AttackResult, attack_defaults, attack_into_classes, merge_results,
-                            parse_attack, run_attack)
+from export.attacks import (attack_defaults, attack_into_classes, evaluation_suite, merge_results, parse_attack,
+                            run_attack)
 from export.datasets import DEFAULT_SPLIT_FRACTIONS, Dataset, Splits, load_dataset, split_dataset
 from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, predict, save_checkpoint
 from export.training import TrainingConfig, train_classifier
+from export.fingerprint_search import SearchConfig, search_fingerprints
 from export.workspace import Workspace
+from kernels.bank import Bank
+from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
 from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.scoring import METHODS, score
 
-DEFAULT_EVAL_ATTACKS = ATTACK_NAMES
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
+DEFAULT_M = 128                 # fingerprints drawn per input (see the README's measurements)
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
 
 
@@ -102,12 +106,13 @@ def load_classifier(ws: Workspace) -> torch.nn.Module:
     return load_checkpoint(ws.require(ws.classifier, "train"))[0]
 
 
-def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks: Sequence[str] = DEFAULT_EVAL_ATTACKS,
+def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks: Sequence[str] | None = None,
            eval_count: int = DEFAULT_EVAL_COUNT, seed: int = 0, progress: bool = True,
            profile: str | None = None) -> dict[str, Any]:
     """Targeted training attacks into every class (fit split), and evaluation attacks (test split).
 
-    ``profile`` picks the attack defaults (a key of ``ATTACK_DEFAULTS``; default: the data set's).
+    ``eval_attacks`` default to :func:`~export.attacks.evaluation_suite` (an L-inf budget sweep, CW-L2,
+    DeepFool). ``profile`` picks the attack defaults (a key of ``ATTACK_DEFAULTS``; default: the data set's).
     Only correctly classified images are attacked. Writes ``attacks/train.npz`` and one
     ``attacks/eval/<attack>.npz`` per evaluation attack, with ``attacks/summary.json``.
     """
@@ -115,6 +120,7 @@ def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks
     ds, splits, meta = load_prepared(ws)
     model = load_classifier(ws)
     defaults = attack_defaults(profile or meta["dataset"])
+    eval_attacks = list(eval_attacks or evaluation_suite(defaults))
     specs = [parse_attack(a, defaults) for a in eval_attacks]
 
     fit = correctly_classified(model, ds, splits.fit)
@@ -145,7 +151,7 @@ def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks
         files.append(path)
         summary["eval"][spec.label] = result.summary()
     files.append(ws.write_json(ws.attacks / "summary.json", summary))
-    ws.record("attack", {"profile": profile, "defaults": asdict(defaults), "per_class": per_class, "eval_attacks": list(eval_attacks), "eval_count": eval_count,
+    ws.record("attack", {"profile": profile, "defaults": asdict(defaults), "per_class": per_class, "eval_attacks": eval_attacks, "eval_count": eval_count,
                          "seed": seed}, files, started,
               {"train_successful_per_focal_class": per_class_counts,
                "eval_success_rate": {k: v["success_rate"] for k, v in summary["eval"].items()}})
@@ -205,3 +211,93 @@ def load_activation_set(ws: Workspace, name: str, mmap: bool = True) -> tuple[np
     acts = np.load(ws.require(ws.activations / f"{name}.npy", "capture"), mmap_mode="r" if mmap else None,
                    allow_pickle=False)
     return acts, ws.load_npz(ws.activations / f"{name}.npz", "capture")
+
+
+def bank_dir(ws: Workspace) -> Path:
+    return ws.root / "bank"
+
+
+def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool = True) -> dict[str, Any]:
+    """Search fingerprints for every class and write the bank (``bank/bank.npz``, ``bank/bank.json``)."""
+    started = time.time()
+    _, _, meta = load_prepared(ws)
+    layout = ActivationLayout.load(ws.require(ws.activations / "layout.json", "capture"))
+    clean, clean_meta = load_activation_set(ws, "fit_clean", mmap=False)
+    attacked, attacked_meta = load_activation_set(ws, "fit_attacked", mmap=False)
+    per_class = search_fingerprints(clean, clean_meta["label"], attacked, attacked_meta["label"],
+                                    len(meta["class_names"]), config, progress)
+    bank = Bank.from_fingerprints(per_class, layout.num_neurons, {
+        "class_names": meta["class_names"], "layout": layout.to_json(), "search": config.to_json(),
+        "search_results": [{"tried": fp.tried, "passed": fp.passed, "kept": len(fp.neurons),
+                            "best_abs_d": float(np.abs(fp.cohen_d).max()) if len(fp.cohen_d) else None}
+                           for fp in per_class]})
+    files = list(bank.save(bank_dir(ws)))
+    results = {"fingerprints_per_class": bank.counts.tolist(), "passed_per_class": [fp.passed for fp in per_class]}
+    ws.record("search", config.to_json(), files, started, results)
+    return results
+
+
+def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0) -> dict[str, Any]:
+    """Thresholds for each false-positive rate, from the calibration split's clean images, under the
+    same random drawing of ``m`` fingerprints per image used at test time; stored in ``bank.json``."""
+    started = time.time()
+    bank = Bank.load(bank_dir(ws))
+    acts, meta = load_activation_set(ws, "calibration", mmap=False)
+    scores = score(acts, meta["predicted"], bank, m, np.random.default_rng(seed))
+    cal = {method: calibrate_threshold(scores.get(method), meta["predicted"], bank.num_classes, method, m, fprs)
+           for method in METHODS}
+    bank = bank.with_meta(calibration={k: c.to_json() for k, c in cal.items()}, draws_per_input=m)
+    files = list(bank.save(bank_dir(ws)))
+    ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed}, files, started,
+              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in cal["lrt"].thresholds.items()}})
+    return {"m": m, "calibration_images": int(len(acts))}
+
+
+def load_calibrations(bank: Bank) -> dict[str, Calibration]:
+    if "calibration" not in bank.meta:
+        raise InvalidInputError("the bank is not calibrated: run `nfp calibrate` first")
+    return {k: Calibration.from_json(v) for k, v in bank.meta["calibration"].items()}
+
+
+def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bool = True) -> dict[str, Any]:
+    """The evaluation report on the test split: ``report/evaluation.json``, ``.md`` and ``roc.png``."""
+    from tqdm.auto import tqdm
+
+    from export.evaluation import ImageSet, calibrate_baseline, evaluate_attack, markdown_table, plot_roc
+
+    started = time.time()
+    ds, splits, _ = load_prepared(ws)
+    bank = Bank.load(bank_dir(ws))
+    cals = load_calibrations(bank)
+    fprs = sorted(cals["lrt"].thresholds)
+    baseline = calibrate_baseline(ds.x[splits.calibration], fprs)
+    test_acts, test_meta = load_activation_set(ws, "test", mmap=False)
+    clean = ImageSet(test_acts, test_meta["predicted"], ds.x[test_meta["source"]])
+    summary = ws.read_json(ws.attacks / "summary.json", "attack")
+    report: dict[str, Any] = {"m": cals["lrt"].m, "fprs": fprs, "seed": seed, "attacks": {},
+                              "test_accuracy": float((test_meta["predicted"] == test_meta["label"]).mean())}
+    curves = {}
+    for label in tqdm(summary["eval"], desc="evaluate", unit="attack", disable=not progress):
+        acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
+        adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+        ok = adv["success"]
+        if ok.sum() < 2:
+            report["attacks"][label] = {"skipped": f"only {int(ok.sum())} successful attacks"}
+            continue
+        attacked = ImageSet(np.ascontiguousarray(acts[ok]), meta["predicted"][ok], adv["x_adv"][ok])
+        r, curves[label] = evaluate_attack(bank, cals, baseline, clean, attacked, seed, spread_draws)
+        report["attacks"][label] = {"params": summary["eval"][label]["params"],
+                                    "success_rate": summary["eval"][label]["success_rate"], **r}
+    out = ws.root / "report"
+    out.mkdir(exist_ok=True)
+    evaluated = {k: v for k, v in report["attacks"].items() if "skipped" not in v}
+    table = markdown_table({**report, "attacks": evaluated})
+    (out / "evaluation.md").write_text(
+        f"# Evaluation on the test split\n\nm = {report['m']} fingerprints drawn per image; thresholds from the "
+        f"calibration split; {len(clean.labels)} clean test images.\n\n{table}")
+    plot_roc(curves, out / "roc.png")
+    files = [ws.write_json(out / "evaluation.json", report), out / "evaluation.md", out / "roc.png"]
+    ws.record("evaluate", {"seed": seed, "spread_draws": spread_draws}, files, started,
+              {k: {"auc": v["lrt"]["auc"], "tpr@0.01": v["lrt"]["tpr@0.01"]} for k, v in evaluated.items()})
+    report["table"] = table
+    return report

@@ -1,4 +1,4 @@
-"""data -> train -> attack -> capture through the command line, on 600 real MNIST images."""
+"""The whole offline pipeline through the command line, on 600 real MNIST images."""
 import json
 
 import numpy as np
@@ -10,25 +10,35 @@ from export.cli import main
 def test_cli_runs_every_stage_and_records_a_manifest(tmp_path, mnist_npz, capsys):
     out = tmp_path / "run"
     rc = main(["--threads", "2", "pipeline", "--out", str(out), "--quiet", "--dataset", str(mnist_npz),
-               "--epochs", "4", "--per-class", "6", "--eval-count", "12", "--attack-profile", "mnist",
-               "--eval-attacks", "fgsm", "pgd-targeted:eps=0.2", "deepfool", "cw-l2:max_iter=3,binary_search_steps=1"])
+               "--epochs", "4", "--per-class", "12", "--eval-count", "30", "--attack-profile", "mnist",
+               "--eval-attacks", "fgsm", "pgd-targeted:eps=0.2", "deepfool", "cw-l2:max_iter=3,binary_search_steps=1",
+               "--candidates", "4000", "--keep", "40", "--m", "16", "--spread-draws", "5"])
     assert rc == 0
-    report = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    report = json.loads(printed[: printed.index("\nDetection on the test split")])
     assert report["train"]["accuracy"]["test"] > 0.7
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture"]
+    assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate"]
     assert "activations/fit_attacked.npy" in manifest["stages"]["capture"]["files"]
 
     layout = json.loads((out / "activations" / "layout.json").read_text())
-    assert layout["num_neurons"] == 394
+    assert layout["num_neurons"] == 12938
     attacked = np.load(out / "activations" / "fit_attacked.npy")
     meta = np.load(out / "activations" / "fit_attacked.npz")
-    assert attacked.shape == (len(meta["label"]), 394)
+    assert attacked.shape == (len(meta["label"]), 12938)
     np.testing.assert_array_equal(meta["predicted"], meta["label"])  # attacked rows land in their focal class
     for name in ("eval_fgsm_eps0.3", "eval_pgd-targeted_eps0.2", "eval_deepfool", "eval_cw-l2"):
         assert (out / "activations" / f"{name}.npy").exists()
     summary = json.loads((out / "attacks" / "summary.json").read_text())
     assert summary["eval"]["cw-l2"]["params"]["max_iter"] == 3
+
+    bank = json.loads((out / "bank" / "bank.json").read_text())
+    assert bank["draws_per_input"] == 16 and set(bank["calibration"]) == {"lrt", "vote", "anomaly"}
+    evaluation = json.loads((out / "report" / "evaluation.json").read_text())
+    fgsm = evaluation["attacks"]["fgsm_eps0.3"]
+    assert fgsm["lrt"]["auc"] > 0.8 and fgsm["spread"]["draws"] == 5
+    assert (out / "report" / "roc.png").stat().st_size > 10_000
+    assert "| fgsm_eps0.3 |" in (out / "report" / "evaluation.md").read_text()
 
 
 def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
@@ -36,7 +46,8 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
     assert "run `nfp prepare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "pipeline"])
+@pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
+                                     "pipeline"])
 def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

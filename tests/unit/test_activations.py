@@ -7,8 +7,8 @@ from export.activations import ActivationLayout, capture_activations, default_la
 from kernels.errors import LayerNotFoundError
 
 
-def test_default_layers_are_the_last_three_weighted_layers(small_model):
-    assert default_layers(small_model) == ["fc1", "fc2", "fc3"]
+def test_default_layers_are_the_last_four_weighted_layers(small_model):
+    assert default_layers(small_model) == ["conv2", "fc1", "fc2", "fc3"]
 
 
 def test_captured_values_equal_the_layers_outputs(small_model, mnist_subset):

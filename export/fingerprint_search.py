@@ -1,0 +1,246 @@
+"""Fingerprint search: random neuron subsets whose mean separates clean from attacked images.
+
+Implements the search of Fisher, Shahar & Resheff (2024), "Neural Fingerprints for Adversarial
+Attack Detection", Sec. 3: for a focal class ``c``, the *clean* set holds images of ``c`` that the
+model classifies as ``c``; the *attacked* set holds images of other classes attacked (targeted) into
+``c``. A candidate fingerprint is a random subset ``S`` of ``k`` neurons of the activation vector; its
+value on an image is the mean of the activations over ``S``. A candidate is kept when a two-sample
+(Welch) t-test between clean and attacked values gives ``p < p_max`` **and** ``|Cohen's d| >= d_min``;
+survivors are ranked by ``|d|`` and the top ``keep`` form the class's part of the bank, each with a
+Gaussian of its clean values and one of its attacked values.
+
+Two exact ways to get each candidate's per-set mean and variance, vectorized over thousands of
+candidates at a time with bounded memory (``chunk`` candidates):
+
+- ``"covariance"``: mean and variance of a subset mean follow from the per-neuron means and the
+  ``(D, D)`` covariance: ``mean = mu[S].mean()``, ``var = Sigma[S, S].sum() / k**2``. ``O(k^2)``
+  gathers per candidate whatever the number of images; needs ``D^2`` memory.
+- ``"gather"``: subset means of every image via one sparse-matrix product ``W @ X.T``
+  (``W`` is ``chunk x D`` with ``k`` entries ``1/k`` per row), then mean and variance over images.
+  ``O(k N)`` streamed work per candidate; works for convolutional feature maps (``D ~ 10^5``).
+
+``"auto"`` takes the covariance path when ``D`` is moderate and ``k`` small against ``N`` (where it is
+faster, measured by ``python -m export.search_benchmark``), the gather path otherwise.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import stats
+from tqdm.auto import tqdm
+
+from kernels.errors import InvalidInputError
+
+# The authors' settings (paper, Sec. 4): k = 50 neurons, p < 0.001, |d| > 1.5.
+PAPER_K, PAPER_P_MAX, PAPER_D_MIN = 50, 1e-3, 1.5
+COVARIANCE_MAX_D = 8192  # a (D, D) float64 pair of covariances stays under 1 GiB
+THREADS = 2
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Parameters of :func:`search_fingerprints`.
+
+    Attributes:
+        k: neurons per fingerprint; several sizes may be given, candidates are split evenly.
+        candidates: random candidates tried per focal class.
+        p_max: keep a candidate only if its Welch t-test p-value is below this.
+        d_min: ... and its |Cohen's d| is at least this.
+        keep: at most this many fingerprints per class, the largest |d| first.
+        chunk: candidates evaluated at once (bounds memory: ``chunk * N`` floats on the gather path).
+        method: ``"auto"``, ``"covariance"`` or ``"gather"``.
+        seed: seed of the candidate draws.
+    """
+
+    k: tuple[int, ...] = (5,)
+    candidates: int = 100_000
+    p_max: float = PAPER_P_MAX
+    d_min: float = PAPER_D_MIN
+    keep: int = 1000
+    chunk: int = 8192
+    method: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        k = (self.k,) if isinstance(self.k, int) else tuple(int(v) for v in self.k)
+        object.__setattr__(self, "k", k)
+        if not k or min(k) < 1:
+            raise InvalidInputError(f"fingerprint sizes k must be positive integers, got {self.k}")
+        if self.candidates < 1 or self.keep < 1 or self.chunk < 1:
+            raise InvalidInputError(f"candidates, keep and chunk must be positive: {self}")
+        if not 0 < self.p_max <= 1 or self.d_min < 0:
+            raise InvalidInputError(f"need 0 < p_max <= 1 and d_min >= 0, got {self.p_max}, {self.d_min}")
+        if self.method not in ("auto", "covariance", "gather"):
+            raise InvalidInputError(f"method must be auto, covariance or gather, got {self.method!r}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassFingerprints:
+    """The fingerprints kept for one focal class, best first.
+
+    Attributes:
+        neurons: list of ``(k,) int32`` sorted neuron indices, one per fingerprint.
+        clean_mean, clean_std, attacked_mean, attacked_std: ``(F,) float64`` Gaussians of the values.
+        cohen_d, p_value: ``(F,) float64`` separation statistics (``d`` = attacked minus clean).
+        tried: candidates evaluated; ``passed``: how many met both thresholds.
+    """
+
+    neurons: list[np.ndarray]
+    clean_mean: np.ndarray
+    clean_std: np.ndarray
+    attacked_mean: np.ndarray
+    attacked_std: np.ndarray
+    cohen_d: np.ndarray
+    p_value: np.ndarray
+    tried: int
+    passed: int
+
+
+def sample_subsets(rng: np.random.Generator, count: int, num_neurons: int, k: int) -> np.ndarray:
+    """``(count, k) int64`` random subsets of ``range(num_neurons)``, each sorted and without repeats."""
+    if k > num_neurons:
+        raise InvalidInputError(f"fingerprints of k={k} neurons need at least {k} neurons, the layers have {num_neurons}")
+    if k * 4 > num_neurons:  # dense draws: a random permutation per row
+        return np.sort(np.argsort(rng.random((count, num_neurons)), axis=1)[:, :k], axis=1)
+    s = np.sort(rng.integers(0, num_neurons, size=(count, k)), axis=1)
+    bad = np.flatnonzero((np.diff(s, axis=1) == 0).any(axis=1))
+    while len(bad):  # redraw the rows that hold a repeat (rare for k << D)
+        s[bad] = np.sort(rng.integers(0, num_neurons, size=(len(bad), k)), axis=1)
+        bad = bad[(np.diff(s[bad], axis=1) == 0).any(axis=1)]
+    return s
+
+
+class SubsetStatistics:
+    """Mean and variance (over images, ddof=1) of subset means, for the clean and the attacked set.
+
+    Args:
+        clean: ``(Nc, D) float32`` activations; attacked: ``(Na, D) float32``.
+        method: ``"covariance"`` or ``"gather"`` (see the module docstring).
+    """
+
+    def __init__(self, clean: np.ndarray, attacked: np.ndarray, method: str) -> None:
+        self.method, self.n_clean, self.n_attacked = method, len(clean), len(attacked)
+        self.num_neurons = clean.shape[1]
+        if method == "covariance":
+            if self.num_neurons > COVARIANCE_MAX_D:
+                raise InvalidInputError(f"covariance path needs D <= {COVARIANCE_MAX_D}, got {self.num_neurons}; use gather")
+            self.mean_pair = np.stack([clean.mean(0), attacked.mean(0)]).astype(np.float64)  # (2, D)
+            # one complex gather fetches both covariances: real = clean, imag = attacked
+            cov = np.cov(clean, rowvar=False) + 1j * np.cov(attacked, rowvar=False)
+            self.cov_flat = cov.astype(np.complex128).ravel()
+        else:
+            rows = np.concatenate([clean, attacked]).astype(np.float32)
+            self.rows_t = np.ascontiguousarray(rows.T)  # (D, N): each neuron's values contiguous
+
+    def __call__(self, subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``subsets (B, k)`` -> clean mean, clean var, attacked mean, attacked var, each ``(B,)``."""
+        b, k = subsets.shape
+        d = self.num_neurons
+        if self.method == "covariance":
+            means = self.mean_pair[:, subsets].mean(axis=2)
+            iu0, iu1 = np.triu_indices(k, 1)
+            off = self.cov_flat.take(subsets[:, iu0] * d + subsets[:, iu1]).sum(axis=1)
+            diag = self.cov_flat.take(subsets * (d + 1)).sum(axis=1)
+            var = (diag + 2 * off) / (k * k)
+            return means[0], var.real, means[1], var.imag
+        w = sp.csr_matrix((np.full(b * k, 1.0 / k, np.float32), subsets.ravel(), np.arange(0, b * k + 1, k)),
+                          shape=(b, d))
+        values = w @ self.rows_t  # (B, N) subset means of every image
+        c, a = values[:, : self.n_clean], values[:, self.n_clean :]
+        return (c.mean(1, dtype=np.float64), c.var(1, ddof=1, dtype=np.float64),
+                a.mean(1, dtype=np.float64), a.var(1, ddof=1, dtype=np.float64))
+
+
+def choose_method(num_neurons: int, k: Sequence[int], num_rows: int) -> str:
+    """The faster exact path (measured on 2 cores): covariance gathers ``k(k+1)/2`` entries per
+    candidate at about 1/50 the rate the sparse product streams ``k * N`` values."""
+    return "covariance" if num_neurons <= COVARIANCE_MAX_D and (max(k) + 1) * 50 < 2 * num_rows else "gather"
+
+
+def separation(cm: np.ndarray, cv: np.ndarray, nc: int, am: np.ndarray, av: np.ndarray, na: int):
+    """Cohen's d (pooled sd; attacked minus clean) and the two-sided Welch t-test p-value."""
+    cv, av = np.maximum(cv, 1e-12), np.maximum(av, 1e-12)
+    pooled = np.sqrt(((nc - 1) * cv + (na - 1) * av) / (nc + na - 2))
+    d = (am - cm) / pooled
+    se2 = cv / nc + av / na
+    t = (am - cm) / np.sqrt(se2)
+    df = se2**2 / ((cv / nc) ** 2 / (nc - 1) + (av / na) ** 2 / (na - 1))
+    return d, 2 * stats.t.sf(np.abs(t), df)
+
+
+def search_class(clean: np.ndarray, attacked: np.ndarray, config: SearchConfig, seed: int,
+                 progress: bool = False, desc: str = "search") -> ClassFingerprints:
+    """Search fingerprints separating ``clean (Nc, D)`` from ``attacked (Na, D)`` activations."""
+    if clean.ndim != 2 or attacked.ndim != 2 or clean.shape[1] != attacked.shape[1]:
+        raise InvalidInputError(f"clean {clean.shape} and attacked {attacked.shape} must be (N, D) with one D")
+    if len(clean) < 3 or len(attacked) < 3:
+        raise InvalidInputError(f"need at least 3 clean and 3 attacked rows, got {len(clean)} and {len(attacked)}")
+    if not (np.isfinite(clean).all() and np.isfinite(attacked).all()):
+        raise InvalidInputError("activations contain NaN or infinite values")
+    method = choose_method(clean.shape[1], config.k, len(clean) + len(attacked)) if config.method == "auto" else config.method
+    statistics = SubsetStatistics(clean, attacked, method)
+    rng = np.random.default_rng(seed)
+    kmax = max(config.k)
+    per_size = np.array_split(np.arange(config.candidates), len(config.k))
+    chunks = [(k, min(config.chunk, len(part) - i)) for k, part in zip(config.k, per_size)
+              for i in range(0, len(part), config.chunk)]
+
+    def evaluate(subsets: np.ndarray) -> dict[str, np.ndarray]:
+        cm, cv, am, av = statistics(subsets)
+        d, p = separation(cm, cv, len(clean), am, av, len(attacked))
+        ok = (p < config.p_max) & (np.abs(d) >= config.d_min)
+        padded = np.full((int(ok.sum()), kmax), -1, np.int32)
+        padded[:, : subsets.shape[1]] = subsets[ok]
+        return {"neurons": padded, "clean_mean": cm[ok], "clean_std": np.sqrt(cv[ok]),
+                "attacked_mean": am[ok], "attacked_std": np.sqrt(av[ok]), "cohen_d": d[ok], "p_value": p[ok]}
+
+    best: dict[str, np.ndarray] | None = None
+    passed = 0
+    with ThreadPoolExecutor(THREADS) as pool:  # NumPy and SciPy release the GIL in these loops
+        draws = (sample_subsets(rng, n, clean.shape[1], k) for k, n in chunks)
+        for out in tqdm(pool.map(evaluate, draws), total=len(chunks), desc=desc, unit="chunk", disable=not progress):
+            passed += len(out["cohen_d"])
+            best = out if best is None else {key: np.concatenate([best[key], out[key]]) for key in out}
+            if len(best["cohen_d"]) > 2 * config.keep:  # keep memory bounded
+                best = _top(best, config.keep)
+    assert best is not None
+    best = _top(best, config.keep)
+    return ClassFingerprints(neurons=[row[row >= 0] for row in best.pop("neurons")], **best,
+                             tried=config.candidates, passed=passed)
+
+
+def _top(rows: dict[str, np.ndarray], keep: int) -> dict[str, np.ndarray]:
+    """The ``keep`` rows of largest |Cohen's d| (ties in draw order)."""
+    order = np.argsort(-np.abs(rows["cohen_d"]), kind="stable")[:keep]
+    return {key: value[order] for key, value in rows.items()}
+
+
+def search_fingerprints(clean: np.ndarray, clean_labels: np.ndarray, attacked: np.ndarray,
+                        attacked_labels: np.ndarray, num_classes: int, config: SearchConfig = SearchConfig(),
+                        progress: bool = True) -> list[ClassFingerprints]:
+    """Run :func:`search_class` for every focal class.
+
+    Args:
+        clean: ``(Nc, D) float32`` activations of correctly classified clean images.
+        clean_labels: ``(Nc,) int`` their class.
+        attacked: ``(Na, D) float32`` activations of successful targeted attacks.
+        attacked_labels: ``(Na,) int`` the focal class each was attacked into (= the model's prediction).
+        num_classes: number of classes; every class needs clean and attacked rows.
+
+    Class ``c`` uses seed ``config.seed * 1_000_003 + c``, so one class's search is reproducible alone.
+    """
+    out = []
+    for c in range(num_classes):
+        cl, at = clean[clean_labels == c], attacked[attacked_labels == c]
+        if len(cl) < 3 or len(at) < 3:
+            raise InvalidInputError(f"class {c}: {len(cl)} clean and {len(at)} attacked rows; the search needs "
+                                    "at least 3 of each (attack more images into this class)")
+        out.append(search_class(cl, at, config, config.seed * 1_000_003 + c, progress, desc=f"class {c}"))
+    return out

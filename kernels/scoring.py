@@ -1,0 +1,153 @@
+"""Randomized fingerprint detection: draw, gather-reduce, score (NumPy path, the reference).
+
+Fisher, Shahar & Resheff (2024), Sec. 3.3: for an input with predicted class ``c``, draw ``m``
+fingerprints at random from the bank of ``c``, compute each fingerprint's value (the mean of the
+input's activations over its neurons) and score the input with
+
+- ``lrt``: the mean over the draws of the Gaussian log-likelihood ratio
+  ``log N(v; clean) - log N(v; attacked)`` (the paper sums; the mean is the sum divided by ``m``);
+- ``vote``: the fraction of drawn fingerprints whose value is closer, in z-units, to clean than to attacked;
+- ``anomaly``: the mean clean log-likelihood (needs no attack data).
+
+Low scores mean attacked. Draws at serving time come from a generator seeded by the operating
+system's cryptographic source (:func:`secure_rng`), so nobody can predict which fingerprints a request
+meets; a seed is accepted only for reproducible evaluation.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.bank import Bank
+from kernels.errors import InvalidInputError
+
+METHODS = ("lrt", "vote", "anomaly")
+HALF_LOG_2PI = 0.5 * np.log(2 * np.pi)
+
+
+def secure_rng() -> np.random.Generator:
+    """A NumPy generator seeded with 128 bits from :mod:`secrets` (the OS's CSPRNG)."""
+    return np.random.default_rng(secrets.randbits(128))
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-image scores and the draws behind them.
+
+    Attributes:
+        ids: ``(B, m) int64`` drawn fingerprint rows of the bank.
+        values: ``(B, m) float32`` each drawn fingerprint's value (subset mean).
+        lrt, vote, anomaly: ``(B,) float64`` scores; low = attacked.
+    """
+
+    ids: np.ndarray
+    values: np.ndarray
+    lrt: np.ndarray
+    vote: np.ndarray
+    anomaly: np.ndarray
+
+    def get(self, method: str) -> np.ndarray:
+        if method not in METHODS:
+            raise InvalidInputError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
+        return getattr(self, method)
+
+
+def check_activations(acts: np.ndarray, num_neurons: int) -> np.ndarray:
+    """Validate ``acts (B, D) float32``; name the problem otherwise."""
+    if not isinstance(acts, np.ndarray):
+        raise InvalidInputError(f"activations must be a NumPy array, got {type(acts).__name__}")
+    if acts.dtype != np.float32:
+        raise InvalidInputError(f"activations must be float32, got {acts.dtype}")
+    if acts.ndim != 2 or acts.shape[1] != num_neurons:
+        raise InvalidInputError(f"activations must have shape (B, {num_neurons}), got {acts.shape}")
+    if acts.shape[0] == 0:
+        raise InvalidInputError("empty batch: no activations to score")
+    bad = ~np.isfinite(acts).all(axis=1)
+    if bad.any():
+        raise InvalidInputError(f"activations of rows {np.flatnonzero(bad)[:10].tolist()} hold NaN or infinite values")
+    return acts
+
+
+def check_labels(labels: np.ndarray, batch: int, bank: Bank, m: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
+        raise InvalidInputError(f"labels must be ({batch},) integers, got {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() >= bank.num_classes:
+        raise InvalidInputError(f"labels must lie in [0, {bank.num_classes}) (the bank's classes), "
+                                f"got [{labels.min()}, {labels.max()}]")
+    short = [int(c) for c in np.unique(labels) if bank.counts[c] < m]
+    if short:
+        raise InvalidInputError(f"class(es) {short} have fewer fingerprints ({bank.counts[short].tolist()}) than the "
+                                f"{m} drawn per input; search more candidates or draw fewer")
+    return labels.astype(np.int64)
+
+
+def draw_fingerprints(labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator) -> np.ndarray:
+    """``(B, m) int64`` fingerprint ids, each row drawn uniformly (with replacement) from the bank
+    of that row's class. ``labels (B,)`` must already be checked."""
+    if m < 1:
+        raise InvalidInputError(f"m (fingerprints per input) must be at least 1, got {m}")
+    counts = bank.counts[labels]
+    return bank.class_offsets[labels][:, None] + (rng.random((len(labels), m)) * counts[:, None]).astype(np.int64)
+
+
+def check_ids(ids: np.ndarray, labels: np.ndarray, bank: Bank) -> np.ndarray:
+    """Given draws must be ``(B, m)`` integers inside each row's class."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[0] != len(labels) or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInputError(f"fingerprint ids must be ({len(labels)}, m>0) integers, got {ids.dtype} {ids.shape}")
+    lo, hi = bank.class_offsets[labels][:, None], bank.class_offsets[labels + 1][:, None]
+    if ((ids < lo) | (ids >= hi)).any():
+        raise InvalidInputError("fingerprint ids out of range: each row's ids must belong to that row's class")
+    return ids.astype(np.int64)
+
+
+def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
+    """``(B, m) float32`` mean of ``acts[b]`` over the neurons of fingerprint ``ids[b, j]``.
+
+    One gather-reduce over a zero-padded copy of ``acts``: padding slots of the index table point at
+    the extra zero column ``D``, so a plain sum over ``Kmax`` slots divided by the length is exact.
+    """
+    b, d = acts.shape
+    padded = np.zeros((b, d + 1), np.float32)
+    padded[:, :d] = acts
+    flat = bank.indices[ids]  # (B, m, Kmax) int32
+    flat += (np.arange(b, dtype=np.int32) * (d + 1))[:, None, None]
+    sums = padded.ravel().take(flat).sum(axis=2, dtype=np.float32)
+    return sums / bank.lengths[ids]
+
+
+def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LRT, vote and anomaly scores ``(B,)`` of fingerprint values ``(B, m)``."""
+    cs, as_ = bank.clean_std[ids], bank.attacked_std[ids]
+    zc = (values - bank.clean_mean[ids]) / cs
+    za = (values - bank.attacked_mean[ids]) / as_
+    log_cs = np.log(cs)
+    clean_ll = -0.5 * zc * zc - log_cs
+    lrt = clean_ll + 0.5 * za * za + np.log(as_)
+    vote = (np.abs(zc) < np.abs(za)).mean(axis=1)
+    return lrt.mean(axis=1, dtype=np.float64), vote.astype(np.float64), clean_ll.mean(axis=1, dtype=np.float64) - HALF_LOG_2PI
+
+
+def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,
+          ids: np.ndarray | None = None) -> Scores:
+    """Draw ``m`` fingerprints per input from its class's bank and score it.
+
+    Args:
+        acts: ``(B, D) float32`` activations laid out as the bank's ``layout``.
+        labels: ``(B,) int`` predicted classes.
+        bank: the fingerprint bank.
+        m: fingerprints drawn per input.
+        rng: generator of the draws; default :func:`secure_rng` (fresh OS entropy).
+        ids: ``(B, m)`` draws to use instead of drawing (replaying a server's draws in tests).
+    """
+    acts = check_activations(acts, bank.num_neurons)
+    labels = check_labels(labels, len(acts), bank, m if ids is None else 1)
+    if ids is None:
+        ids = draw_fingerprints(labels, bank, m, rng or secure_rng())
+    else:
+        ids = check_ids(ids, labels, bank)
+    values = subset_means(acts, ids, bank)
+    return Scores(ids, values, *score_values(values, ids, bank))
