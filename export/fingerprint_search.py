@@ -217,8 +217,10 @@ def search_class(clean: np.ndarray, attacked: np.ndarray, config: SearchConfig, 
 
 
 def _top(rows: dict[str, np.ndarray], keep: int) -> dict[str, np.ndarray]:
-    """The ``keep`` rows of largest |Cohen's d| (ties in draw order)."""
-    order = np.argsort(-np.abs(rows["cohen_d"]), kind="stable")[:keep]
+    """The ``keep`` distinct subsets of largest |Cohen's d| (ties in draw order)."""
+    _, first = np.unique(rows["neurons"], axis=0, return_index=True)  # a subset drawn twice counts once
+    first = np.sort(first)
+    order = first[np.argsort(-np.abs(rows["cohen_d"][first]), kind="stable")[:keep]]
     return {key: value[order] for key, value in rows.items()}
 
 

@@ -1,0 +1,115 @@
+"""The bank's format, and randomized detection on a planted signal."""
+import json
+
+import numpy as np
+import pytest
+
+from export.fingerprint_search import SearchConfig, search_fingerprints
+from kernels.bank import Bank
+from kernels.calibration import calibrate_threshold
+from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.scoring import score, secure_rng, subset_means
+
+D = 120
+
+
+def make_rows(n, seed, attacked):
+    """Two classes; attacked rows of each class carry a shift on that class's own 16 neurons."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    y = np.arange(n) % 2
+    if attacked:
+        for c in (0, 1):
+            x[np.ix_(y == c, np.arange(16) + 16 * c)] += 1.6
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def bank():
+    clean, cy = make_rows(400, 0, False)
+    attacked, ay = make_rows(400, 1, True)
+    fps = search_fingerprints(clean, cy, attacked, ay, 2, SearchConfig(k=(1, 2), candidates=30_000, keep=200),
+                              progress=False)
+    return Bank.from_fingerprints(fps, D, {"class_names": ["a", "b"]})
+
+
+def test_bank_round_trips_through_npz_and_json(bank, tmp_path):
+    bank.with_meta(model_sha256="abc").save(tmp_path)
+    back = Bank.load(tmp_path, model_sha256="abc")
+    for name in ("indices", "lengths", "clean_mean", "attacked_std", "class_offsets"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(bank, name))
+    assert back.meta["class_names"] == ["a", "b"]
+    assert set(bank.lengths.tolist()) == {1, 2} and (bank.indices[bank.lengths == 1, 1:] == D).all()
+
+
+def test_a_bank_for_another_model_or_format_is_refused(bank, tmp_path):
+    bank.with_meta(model_sha256="abc").save(tmp_path)
+    with pytest.raises(ModelMismatchError, match="built for model sha256 abc"):
+        Bank.load(tmp_path, model_sha256="def")
+    meta = json.loads((tmp_path / "bank.json").read_text())
+    (tmp_path / "bank.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(InvalidInputError, match="format version 99"):
+        Bank.load(tmp_path)
+    with pytest.raises(InvalidInputError, match="no bank"):
+        Bank.load(tmp_path / "missing")
+
+
+def test_corrupt_bank_arrays_are_named(bank):
+    bad = bank.indices.copy()
+    bad[0, 0] = D + 5
+    with pytest.raises(InvalidInputError, match="neuron indices must lie in"):
+        Bank(bad, bank.lengths, bank.clean_mean, bank.clean_std, bank.attacked_mean, bank.attacked_std,
+             bank.cohen_d, bank.class_offsets, bank.meta)
+
+
+def test_subset_means_match_a_per_fingerprint_loop(bank):
+    acts = np.random.default_rng(3).normal(size=(5, D)).astype(np.float32)
+    ids = np.random.default_rng(4).integers(0, bank.num_fingerprints, size=(5, 7))
+    expected = [[acts[b, bank.indices[f, : bank.lengths[f]]].mean() for f in row] for b, row in enumerate(ids)]
+    np.testing.assert_allclose(subset_means(acts, ids, bank), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_attacked_rows_score_below_the_calibrated_threshold(bank):
+    cal_x, cal_y = make_rows(2000, 10, False)
+    s = score(cal_x, cal_y, bank, m=16, rng=np.random.default_rng(0))
+    cal = calibrate_threshold(s.lrt, cal_y, 2, "lrt", 16, (0.01, 0.05))
+    test_x, test_y = make_rows(4000, 11, False)
+    att_x, att_y = make_rows(1000, 12, True)
+    rng = np.random.default_rng(1)
+    fpr = cal.is_attacked(score(test_x, test_y, bank, 16, rng).lrt, test_y, 0.05).mean()
+    tpr = cal.is_attacked(score(att_x, att_y, bank, 16, rng).lrt, att_y, 0.05).mean()
+    assert abs(fpr - 0.05) < 3 * np.sqrt(0.05 * 0.95 / 2000) + 3 * np.sqrt(0.05 * 0.95 / 4000)
+    assert tpr > 0.95
+
+
+def test_two_identical_requests_draw_different_fingerprints(bank):
+    acts, y = make_rows(4, 0, False)
+    a, b = score(acts, y, bank, 32), score(acts, y, bank, 32)
+    assert not np.array_equal(a.ids, b.ids)
+    assert isinstance(secure_rng(), np.random.Generator)
+
+
+def test_draws_stay_inside_the_predicted_class(bank):
+    acts, _ = make_rows(50, 0, False)
+    y = np.ones(50, np.int64)
+    ids = score(acts, y, bank, 8, np.random.default_rng(0)).ids
+    assert (ids >= bank.class_offsets[1]).all() and (ids < bank.class_offsets[2]).all()
+
+
+@pytest.mark.parametrize("acts, labels, m, message", [
+    (np.zeros((2, D), np.float64), [0, 1], 4, "float32"),
+    (np.zeros((2, D + 1), np.float32), [0, 1], 4, r"shape \(B, 120\)"),
+    (np.zeros((0, D), np.float32), [], 4, "empty batch"),
+    (np.full((2, D), np.nan, np.float32), [0, 1], 4, r"rows \[0, 1\] hold NaN"),
+    (np.zeros((2, D), np.float32), [0, 2], 4, r"labels must lie in \[0, 2\)"),
+    (np.zeros((2, D), np.float32), [0, 1], 10_000, "fewer fingerprints"),
+])
+def test_bad_input_gets_a_clear_error(bank, acts, labels, m, message):
+    with pytest.raises(InvalidInputError, match=message):
+        score(acts, np.asarray(labels, np.int64), bank, m)
+
+
+def test_given_draws_outside_the_class_are_refused(bank):
+    acts, y = make_rows(2, 0, False)
+    with pytest.raises(InvalidInputError, match="out of range"):
+        score(acts, np.array([0, 0]), bank, 1, ids=np.full((2, 1), bank.num_fingerprints - 1))
