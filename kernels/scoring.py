@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import scipy.sparse as sp
 
 from kernels.bank import Bank
 from kernels.errors import InvalidInputError
@@ -104,19 +106,38 @@ def check_ids(ids: np.ndarray, labels: np.ndarray, bank: Bank) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+@lru_cache(maxsize=16)
+def _csr_constants(rows: int, kmax: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Entry values and row pointers of the gather matrix; they depend only on its shape."""
+    data = np.full(rows * kmax, weight, np.float32)
+    indptr = np.arange(0, rows * kmax + 1, kmax, dtype=np.int32)
+    data.flags.writeable = indptr.flags.writeable = False
+    return data, indptr
+
+
 def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     """``(B, m) float32`` mean of ``acts[b]`` over the neurons of fingerprint ``ids[b, j]``.
 
-    One gather-reduce over a zero-padded copy of ``acts``: padding slots of the index table point at
-    the extra zero column ``D``, so a plain sum over ``Kmax`` slots divided by the length is exact.
+    One gather-reduce: a sparse matrix with one row per (image, draw) and ``Kmax`` entries per row,
+    pointing into the flattened batch, times the flattened activations (SciPy's CSR mat-vec, a
+    single pass over the gathered values). When fingerprints differ in size, padding slots point at
+    an extra zero column ``D`` of a padded copy, so a plain sum over ``Kmax`` slots stays exact.
     """
     b, d = acts.shape
-    padded = np.zeros((b, d + 1), np.float32)
-    padded[:, :d] = acts
-    flat = bank.indices[ids]  # (B, m, Kmax) int32
-    flat += (np.arange(b, dtype=np.int32) * (d + 1))[:, None, None]
-    sums = padded.ravel().take(flat).sum(axis=2, dtype=np.float32)
-    return sums / bank.lengths[ids]
+    kmax = bank.indices.shape[1]
+    uniform = bool((bank.lengths == kmax).all())
+    if uniform:
+        src, width = np.ascontiguousarray(acts).ravel(), d
+    else:
+        padded = np.zeros((b, d + 1), np.float32)
+        padded[:, :d] = acts
+        src, width = padded.ravel(), d + 1
+    cols = bank.indices[ids]  # (B, m, Kmax) int32
+    cols += (np.arange(b, dtype=np.int32) * width)[:, None, None]
+    data, indptr = _csr_constants(ids.size, kmax, 1.0 / kmax if uniform else 1.0)
+    w = sp.csr_matrix((data, cols.ravel(), indptr), shape=(ids.size, b * width))
+    sums = (w @ src).reshape(ids.shape)
+    return sums if uniform else sums / bank.lengths[ids]
 
 
 def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

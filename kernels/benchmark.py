@@ -1,0 +1,90 @@
+"""Scoring speed: the gather-reduce path beside NumPy fancy indexing and a per-image loop, one run.
+
+    python -m kernels.benchmark            # the full grid
+    python -m kernels.benchmark --quick    # B = 64, m = 256, k = 50 only
+
+For each ``B`` (images), ``m`` (fingerprints drawn per image) and ``k`` (neurons per fingerprint):
+microseconds per batch, images per second, and gathered activation values per second of the full
+detection step (draw, subset means, LRT / vote / anomaly scores), best of several repeats. The
+baselines compute the same subset means with ``acts[b, indices[ids]]`` fancy indexing plus a mask,
+and with a Python loop over images; their scores use the same scoring code.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable
+
+import numpy as np
+
+from kernels.bank import Bank
+from kernels.scoring import draw_fingerprints, score, score_values
+
+
+def synthetic_bank(num_classes: int, per_class: int, k: int, num_neurons: int, seed: int = 0) -> Bank:
+    """A bank of realistic size and layout; speed does not depend on the fingerprints' values."""
+    rng = np.random.default_rng(seed)
+    f = num_classes * per_class
+    ones = np.ones(f, np.float32)
+    return Bank(np.sort(rng.integers(0, num_neurons, (f, k)), axis=1).astype(np.int32), np.full(f, k, np.int32),
+                ones * 0, ones, ones, ones, ones, np.arange(0, f + 1, per_class, dtype=np.int64),
+                {"num_neurons": num_neurons})
+
+
+def fancy_indexing(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
+    idx = bank.indices[ids]
+    mask = np.arange(idx.shape[2]) < bank.lengths[ids][..., None]
+    vals = acts[np.arange(len(acts))[:, None, None], np.minimum(idx, acts.shape[1] - 1)]
+    return (vals * mask).sum(2) / bank.lengths[ids]
+
+
+def per_image_loop(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
+    out = np.empty(ids.shape, np.float32)
+    for b in range(len(acts)):
+        for j, f in enumerate(ids[b]):
+            out[b, j] = acts[b, bank.indices[f, : bank.lengths[f]]].mean()
+    return out
+
+
+def best_time(fn: Callable[[], object], budget_s: float = 0.3, max_repeats: int = 50) -> float:
+    fn()
+    times: list[float] = []
+    while len(times) < max_repeats and sum(times) < budget_s:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--neurons", type=int, default=12938, help="D (default: %(default)s, the MNIST CNN's layout)")
+    p.add_argument("--quick", action="store_true", help="only B=64, m=256, k=50")
+    args = p.parse_args(argv)
+    grid = [(64, 256, 50)] if args.quick else [(b, m, k) for k in (10, 50) for m in (64, 256, 1024) for b in (1, 64, 256)]
+    rng = np.random.default_rng(0)
+    print(f"D = {args.neurons}; times are the whole detection step; best of repeats")
+    print(f"{'B':>4} {'m':>5} {'k':>3} | {'ours us':>9} {'img/s':>9} {'values/s':>9} | {'fancy us':>9} {'x':>5} |"
+          f" {'loop us':>9} {'x':>6}")
+    for b, m, k in grid:
+        bank = synthetic_bank(10, max(1000, m), k, args.neurons)
+        acts = rng.normal(size=(b, args.neurons)).astype(np.float32)
+        labels = rng.integers(0, 10, b)
+        draw_rng = np.random.default_rng(1)
+
+        def baseline(means_fn):
+            def run():
+                i = draw_fingerprints(labels, bank, m, draw_rng)
+                return score_values(means_fn(acts, i, bank), i, bank)
+            return run
+
+        ours = best_time(lambda: score(acts, labels, bank, m, draw_rng))
+        fancy = best_time(baseline(fancy_indexing))
+        loop = best_time(baseline(per_image_loop), budget_s=0.5, max_repeats=3) if b * m <= 64 * 256 else float("nan")
+        values = b * m * k / ours
+        print(f"{b:>4} {m:>5} {k:>3} | {ours * 1e6:>9.0f} {b / ours:>9,.0f} {values:>9.2e} | {fancy * 1e6:>9.0f}"
+              f" {fancy / ours:>5.1f} | {loop * 1e6:>9.0f} {loop / ours:>6.0f}")
+
+
+if __name__ == "__main__":
+    main()
