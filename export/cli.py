@@ -91,6 +91,8 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fprs", type=float, nargs="+", default=list(DEFAULT_FPRS),
                    help="false-positive rates to calibrate (default: %(default)s)")
     p.add_argument("--calibration-seed", type=int, default=0, help="seed of the draws while calibrating (default: %(default)s)")
+    p.add_argument("--calibration-repeats", type=int, default=10,
+                   help="independent draws per calibration image, pooled (default: %(default)s)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
                               keep=args.keep, method=args.search_method, seed=args.search_seed)
         report["search"] = pipeline.search(ws, config, progress)
     if cmd in ("calibrate", "pipeline"):
-        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed)
+        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats)
     table = None
     if cmd in ("evaluate", "pipeline"):
         table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
