@@ -132,9 +132,10 @@ class SubsetStatistics:
             if self.num_neurons > COVARIANCE_MAX_D:
                 raise InvalidInputError(f"covariance path needs D <= {COVARIANCE_MAX_D}, got {self.num_neurons}; use gather")
             self.mean_pair = np.stack([clean.mean(0), attacked.mean(0)]).astype(np.float64)  # (2, D)
-            # one complex gather fetches both covariances: real = clean, imag = attacked
-            cov = np.cov(clean, rowvar=False) + 1j * np.cov(attacked, rowvar=False)
-            self.cov_flat = cov.astype(np.complex128).ravel()
+            # one complex64 gather fetches both covariances: real = clean, imag = attacked
+            cov = np.empty((self.num_neurons, self.num_neurons), np.complex64)
+            cov.real, cov.imag = _covariance(clean), _covariance(attacked)
+            self.cov_flat = cov.ravel()
         else:
             rows = np.concatenate([clean, attacked]).astype(np.float32)
             self.rows_t = np.ascontiguousarray(rows.T)  # (D, N): each neuron's values contiguous
@@ -148,7 +149,7 @@ class SubsetStatistics:
             iu0, iu1 = np.triu_indices(k, 1)
             off = self.cov_flat.take(subsets[:, iu0] * d + subsets[:, iu1]).sum(axis=1)
             diag = self.cov_flat.take(subsets * (d + 1)).sum(axis=1)
-            var = (diag + 2 * off) / (k * k)
+            var = (diag.astype(np.complex128) + 2 * off) / (k * k)
             return means[0], var.real, means[1], var.imag
         w = sp.csr_matrix((np.full(b * k, 1.0 / k, np.float32), subsets.ravel(), np.arange(0, b * k + 1, k)),
                           shape=(b, d))
@@ -156,6 +157,12 @@ class SubsetStatistics:
         c, a = values[:, : self.n_clean], values[:, self.n_clean :]
         return (c.mean(1, dtype=np.float64), c.var(1, ddof=1, dtype=np.float64),
                 a.mean(1, dtype=np.float64), a.var(1, ddof=1, dtype=np.float64))
+
+
+def _covariance(x: np.ndarray) -> np.ndarray:
+    """``(D, D) float32`` sample covariance (ddof=1) through one float32 matrix product."""
+    centered = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    return (centered.T @ centered) / np.float32(len(x) - 1)
 
 
 def choose_method(num_neurons: int, k: Sequence[int], num_rows: int) -> str:

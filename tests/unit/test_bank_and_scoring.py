@@ -62,9 +62,10 @@ def test_corrupt_bank_arrays_are_named(bank):
              bank.cohen_d, bank.class_offsets, bank.meta)
 
 
-def test_subset_means_match_a_per_fingerprint_loop(bank):
-    acts = np.random.default_rng(3).normal(size=(5, D)).astype(np.float32)
-    ids = np.random.default_rng(4).integers(0, bank.num_fingerprints, size=(5, 7))
+@pytest.mark.parametrize("batch, m", [(5, 7), (64, 300)])  # the small take-and-sum path and the sparse one
+def test_subset_means_match_a_per_fingerprint_loop(bank, batch, m):
+    acts = np.random.default_rng(3).normal(size=(batch, D)).astype(np.float32)
+    ids = np.random.default_rng(4).integers(0, bank.num_fingerprints, size=(batch, m))
     expected = [[acts[b, bank.indices[f, : bank.lengths[f]]].mean() for f in row] for b, row in enumerate(ids)]
     np.testing.assert_allclose(subset_means(acts, ids, bank), expected, rtol=1e-6, atol=1e-6)
 
