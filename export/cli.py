@@ -101,6 +101,12 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="independent draws for the spread of TPR at 1%% FPR (default: %(default)s)")
 
 
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--parity-count", type=int, default=256,
+                   help="test images of the onnxruntime-vs-torch parity check (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         "search": ("search each class's fingerprints and write the bank", [_add_search]),
         "calibrate": ("set detection thresholds on the calibration split", [_add_calibrate]),
         "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_evaluate]),
+        "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
+                   [_add_export]),
         "pipeline": ("run every stage in order (the README's main job)",
-                     [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate]),
+                     [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate,
+                      _add_export]),
     }
     for name, (help_text, adders) in stages.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -161,6 +170,8 @@ def run(args: argparse.Namespace) -> None:
     if cmd in ("evaluate", "pipeline"):
         table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
         report["evaluate"] = f"{ws.root}/report/evaluation.md, evaluation.json, roc.png"
+    if cmd in ("export", "pipeline"):
+        report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
     print(json.dumps(report, indent=2))
     if table:
         print("\nDetection on the test split (fingerprint LRT beside the gray-pixel baseline):\n")

@@ -310,3 +310,19 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
               {k: {"auc": v["lrt"]["auc"], "tpr@0.01": v["lrt"]["tpr@0.01"]} for k, v in evaluated.items()})
     report["table"] = table
     return report
+
+
+def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dict[str, Any]:
+    """Export ``model.onnx`` (logits + the bank's activations), check parity on real test images, and
+    record the model's SHA-256 in the bank so that the bank is refused next to any other model."""
+    from export.onnx_export import export_onnx
+
+    started = time.time()
+    ds, splits, _ = load_prepared(ws)
+    bank = Bank.load(bank_dir(ws))
+    layout = ActivationLayout.from_json(bank.meta["layout"])
+    report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", ds.x[splits.test[:parity_count]], opset)
+    bank = bank.with_meta(model_sha256=report.sha256, onnx=report.to_json())
+    files = [ws.root / "model.onnx", *bank.save(bank_dir(ws))]
+    ws.record("export", {"parity_count": parity_count, "opset": opset}, files, started, report.to_json())
+    return report.to_json()

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from kernels.bank import Bank
+from kernels.gpu import gpu_available
 from kernels.scoring import draw_fingerprints, score, score_values
 
 
@@ -63,9 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     grid = [(64, 256, 50)] if args.quick else [(b, m, k) for k in (10, 50) for m in (64, 256, 1024) for b in (1, 64, 256)]
     rng = np.random.default_rng(0)
-    print(f"D = {args.neurons}; times are the whole detection step; best of repeats")
+    gpu = gpu_available()
+    print(f"D = {args.neurons}; times are the whole detection step; best of repeats; GPU: {'yes' if gpu else 'no'}")
     print(f"{'B':>4} {'m':>5} {'k':>3} | {'ours us':>9} {'img/s':>9} {'values/s':>9} | {'fancy us':>9} {'x':>5} |"
-          f" {'loop us':>9} {'x':>6}")
+          f" {'loop us':>9} {'x':>6}" + (f" | {'cupy us':>9} {'img/s':>10}" if gpu else ""))
     for b, m, k in grid:
         bank = synthetic_bank(10, max(1000, m), k, args.neurons)
         acts = rng.normal(size=(b, args.neurons)).astype(np.float32)
@@ -82,8 +84,17 @@ def main(argv: list[str] | None = None) -> None:
         fancy = best_time(baseline(fancy_indexing))
         loop = best_time(baseline(per_image_loop), budget_s=0.5, max_repeats=3) if b * m <= 64 * 256 else float("nan")
         values = b * m * k / ours
-        print(f"{b:>4} {m:>5} {k:>3} | {ours * 1e6:>9.0f} {b / ours:>9,.0f} {values:>9.2e} | {fancy * 1e6:>9.0f}"
-              f" {fancy / ours:>5.1f} | {loop * 1e6:>9.0f} {loop / ours:>6.0f}")
+        line = (f"{b:>4} {m:>5} {k:>3} | {ours * 1e6:>9.0f} {b / ours:>9,.0f} {values:>9.2e} | {fancy * 1e6:>9.0f}"
+                f" {fancy / ours:>5.1f} | {loop * 1e6:>9.0f} {loop / ours:>6.0f}")
+        if gpu:
+            import cupy as cp
+
+            from kernels.gpu import GpuScorer
+
+            scorer, acts_d = GpuScorer(bank), cp.asarray(acts)
+            t = best_time(lambda: scorer.score(acts_d, labels, m, draw_rng))  # .get() synchronizes
+            line += f" | {t * 1e6:>9.0f} {b / t:>10,.0f}"
+        print(line)
 
 
 if __name__ == "__main__":

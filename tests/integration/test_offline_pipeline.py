@@ -18,7 +18,8 @@ def test_cli_runs_every_stage_and_records_a_manifest(tmp_path, mnist_npz, capsys
     report = json.loads(printed[: printed.index("\nDetection on the test split")])
     assert report["train"]["accuracy"]["test"] > 0.7
     manifest = json.loads((out / "manifest.json").read_text())
-    assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate"]
+    assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
+                                         "export"]
     assert "activations/fit_attacked.npy" in manifest["stages"]["capture"]["files"]
 
     layout = json.loads((out / "activations" / "layout.json").read_text())
@@ -40,6 +41,12 @@ def test_cli_runs_every_stage_and_records_a_manifest(tmp_path, mnist_npz, capsys
     assert (out / "report" / "roc.png").stat().st_size > 10_000
     assert "| fgsm_eps0.3 |" in (out / "report" / "evaluation.md").read_text()
 
+    from export.models import sha256_file
+    from kernels.bank import Bank
+
+    assert report["export"]["max_abs_diff_activations"] <= 1e-4
+    Bank.load(out / "bank", model_sha256=sha256_file(out / "model.onnx"))  # bound to the exported model
+
 
 def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
     assert main(["capture", "--out", str(tmp_path / "nothing")]) == 2
@@ -47,7 +54,7 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
-                                     "pipeline"])
+                                     "export", "pipeline"])
 def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
