@@ -134,7 +134,7 @@ def export_onnx(model: nn.Module, layout: ActivationLayout, path: Path, parity_i
     torch.onnx.export(wrapped, (example,), str(path), input_names=[INPUT_NAME],
                       output_names=[LOGITS_NAME, ACTIVATIONS_NAME], opset_version=opset,
                       dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}}, dynamo=True,
-                      external_data=False)
+                      external_data=False, verbose=False)
     seconds = time.time() - start
     d_logits, d_acts = check_parity(path, wrapped, np.ascontiguousarray(parity_images))
     return ExportReport(str(path), sha256_file(path), opset, f"torch.onnx (dynamo) {torch.__version__}",
