@@ -6,9 +6,8 @@ order, same flattening), with a dynamic batch axis. The export checks itself: on
 torch on real images, max absolute difference at most :data:`PARITY_ATOL` for logits and activations
 and identical labels, else it fails.
 
-onnxruntime settings (chosen by measurement, ``python -m export.onnx_export --help``): full graph
-optimisation, intra-op threads = physical cores, sequential execution; the CUDA execution provider is
-put first when onnxruntime-gpu sees a GPU.
+onnxruntime settings live in :mod:`kernels.onnx_runtime`; ``python -m export.onnx_export model.onnx``
+times the alternatives side by side.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ from torch import nn
 from export.activations import ActivationLayout
 from export.models import sha256_file
 from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.onnx_runtime import ort_session
 
 INPUT_NAME, LOGITS_NAME, ACTIVATIONS_NAME = "images", "logits", "activations"
 PARITY_ATOL = 1e-4
@@ -78,20 +78,6 @@ class ExportReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
-    """An onnxruntime session with the measured settings; CUDA first when available."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads
-    if providers is None:
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
 
 def check_parity(path: Path, wrapped: ClassifierWithActivations, images: np.ndarray,

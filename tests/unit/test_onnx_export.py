@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from export.activations import capture_activations
-from export.onnx_export import ClassifierWithActivations, check_parity, export_onnx, ort_session
+from export.onnx_export import ClassifierWithActivations, check_parity, export_onnx
+from kernels.onnx_runtime import ort_session
 from kernels.errors import ModelMismatchError
 
 

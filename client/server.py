@@ -1,0 +1,167 @@
+"""Starting and stopping a real Triton Inference Server (2.51, from the ``nvidia-pytriton`` wheel).
+
+Only the wheel's bundled server binary and Python backend are used, not pytriton's API. The recipe
+(``DESIGN.md``, "Facts about running a real Triton server here"): a backend directory holding the
+Python backend and the stub for the running Python; ``LD_LIBRARY_PATH`` with the wheel's libraries and
+Python's ``LIBDIR``; the environment's ``bin`` first on ``PATH``; loopback addresses, free ports and a
+unique shared-memory prefix so that parallel servers and leftovers do not collide.
+
+Example::
+
+    with TritonServer(repository) as server:
+        client = DetectorClient(server.grpc_url)
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from kernels.errors import FingerprintError
+
+READY_TIMEOUT_S = 120
+
+
+class ServerError(FingerprintError):
+    """The server did not start, or died; the message carries the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytriton_root() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: it ships the Triton server binary")
+    return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+
+
+class TritonServer:
+    """A ``tritonserver`` process serving ``repository`` on 127.0.0.1.
+
+    Args:
+        repository: a model repository (see :mod:`export.repository`).
+        grpc_port, http_port, metrics_port: 0 picks a free port.
+        log: where the server's log goes (a file object); default: kept in memory, tail shown on errors.
+        verbose: forward the server's log lines to stderr as they come.
+    """
+
+    def __init__(self, repository: Path, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
+                 verbose: bool = False) -> None:
+        self.repository = Path(repository).resolve()
+        self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.verbose = verbose
+        self.shm_prefix = f"nfp{uuid.uuid4().hex[:10]}_"
+        self.process: subprocess.Popen | None = None
+        self.log_lines: list[str] = []
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def _backend_dir(self) -> Path:
+        root = pytriton_root()
+        self._workdir = tempfile.TemporaryDirectory(prefix="nfp-triton-")
+        python = Path(self._workdir.name) / "backends" / "python"
+        python.mkdir(parents=True)
+        stub = root / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+        if not stub.exists():
+            raise ServerError(f"no Triton Python-backend stub for Python {sys.version_info.major}.{sys.version_info.minor}")
+        for src in (root / "backends" / "python" / "libtriton_python.so",
+                    root / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            (python / src.name).symlink_to(src)
+        return Path(self._workdir.name) / "backends"
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")) if p)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def start(self) -> "TritonServer":
+        binary = pytriton_root() / "bin" / "tritonserver"
+        cmd = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={self._backend_dir()}",
+               "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+               "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+               "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+               "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+               "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        self.process = subprocess.Popen(cmd, env=self._environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait_ready()
+        return self
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.log_lines.append(line.rstrip())
+            if self.verbose:
+                print(f"[triton] {line.rstrip()}", file=sys.stderr)
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_lines[-n:])
+
+    def _wait_ready(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        deadline = time.time() + READY_TIMEOUT_S
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:  # not listening yet
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, wait, SIGKILL if needed; remove this server's shared-memory regions."""
+        code = None
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.wait()
+        elif self.process is not None:
+            code = self.process.returncode
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,129 @@
+"""Writing a Triton model repository from the offline pipeline's output folder.
+
+One source of truth, two profiles:
+
+- ``cpu``: runs on the Triton server shipped in the ``nvidia-pytriton`` wheel, which has only the
+  Python backend; the classifier is a Python-backend model running onnxruntime.
+- ``gpu``: NVIDIA's Triton container; the classifier runs on the native ``onnxruntime`` backend on
+  ``KIND_GPU`` and the detector takes GPU tensors through DLPack into the CUDA kernel.
+
+Tensor names are the ONNX graph's (``images``, ``logits``, ``activations``), so the detector and the
+ensemble configs are the same in both profiles. Models:
+
+- ``classifier``: images -> logits, activations;
+- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, fingerprint_ids;
+- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, fingerprint_ids.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.bank import Bank
+from kernels.errors import InvalidInputError
+
+SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
+ENSEMBLE, CLASSIFIER, DETECTOR = "guarded_classifier", "classifier", "fingerprint_detector"
+PROFILES = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving knobs, measured with ``client.benchmark``.
+
+    Attributes:
+        max_batch_size: largest batch Triton forms for one model execution.
+        queue_delay_us: dynamic-batching wait; delays add up across the two ensemble steps, and on
+            this machine 0 gave the lowest batch-1 latency (DESIGN.md: ~1 ms vs ~6 ms with 2 ms).
+        instances: model instances per model.
+        false_positive_rate: which calibrated threshold decides ``is_attacked``.
+    """
+
+    max_batch_size: int = 256
+    queue_delay_us: int = 0
+    instances: int = 1
+    false_positive_rate: float = 0.01
+
+
+def _tensor(name: str, dtype: str, dims: list[int]) -> str:
+    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ] }}'
+
+
+def _io(kind: str, tensors: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def _batching(cfg: ServingConfig) -> str:
+    return f"dynamic_batching {{ max_queue_delay_microseconds: {cfg.queue_delay_us} }}\n"
+
+
+def _instances(kind: str, cfg: ServingConfig) -> str:
+    return f"instance_group [ {{ count: {cfg.instances} kind: {kind} }} ]\n"
+
+
+def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: ServingConfig) -> dict[str, str]:
+    """``config.pbtxt`` text of the three models for ``profile``."""
+    if profile not in PROFILES:
+        raise InvalidInputError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    c, d, m = bank.num_classes, bank.num_neurons, int(bank.meta["draws_per_input"])
+    images = _tensor("images", "TYPE_FP32", image_shape)
+    logits, acts = _tensor("logits", "TYPE_FP32", [c]), _tensor("activations", "TYPE_FP32", [d])
+    results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
+               _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
+               _tensor("fingerprint_ids", "TYPE_INT64", [m])]
+    head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
+    if profile == "cpu":
+        classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images]) + _io("output", [logits, acts])
+                      + _batching(cfg) + _instances("KIND_CPU", cfg))
+    else:
+        classifier = (head(CLASSIFIER, 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"')
+                      + _io("input", [images]) + _io("output", [logits, acts]) + _batching(cfg)
+                      + _instances("KIND_GPU", cfg))
+    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [logits, acts]) + _io("output", results)
+                + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg)
+                + f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
+                + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n')
+    if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
+        detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
+    names = ["label", "probabilities", "score", "is_attacked", "fingerprint_ids"]
+    ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + _io("input", [images]) + _io("output", results)
+                + "ensemble_scheduling {\n  step [\n"
+                + f'    {{ model_name: "{CLASSIFIER}" model_version: -1\n'
+                + '      input_map { key: "images" value: "images" }\n'
+                + '      output_map { key: "logits" value: "logits" }\n'
+                + '      output_map { key: "activations" value: "activations" } },\n'
+                + f'    {{ model_name: "{DETECTOR}" model_version: -1\n'
+                + '      input_map { key: "logits" value: "logits" }\n'
+                + '      input_map { key: "activations" value: "activations" }\n'
+                + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in names) + "    }\n  ]\n}\n")
+    return {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
+
+
+def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
+                     cfg: ServingConfig = ServingConfig()) -> Path:
+    """Write a runnable repository for ``profile`` from a pipeline output folder into ``target``.
+
+    Needs ``model.onnx`` and a calibrated ``bank/`` bound to it (``nfp export``).
+    """
+    pipeline_out, target = Path(pipeline_out), Path(target)
+    onnx = pipeline_out / "model.onnx"
+    if not onnx.is_file():
+        raise InvalidInputError(f"{onnx} not found: run `nfp export --out {pipeline_out}` first")
+    bank = Bank.load(pipeline_out / "bank")
+    if "model_sha256" not in bank.meta or "calibration" not in bank.meta:
+        raise InvalidInputError(f"the bank in {pipeline_out} is not calibrated and exported: run calibrate and export")
+    image_shape = json.loads((pipeline_out / "data.json").read_text())["image_shape"]
+    if target.exists():
+        shutil.rmtree(target)
+    for name, text in model_configs(bank, image_shape, profile, cfg).items():
+        version = target / name / "1"
+        version.mkdir(parents=True)
+        (target / name / "config.pbtxt").write_text(text)
+    shutil.copy2(onnx, target / CLASSIFIER / "1" / "model.onnx")
+    if profile == "cpu":
+        shutil.copy2(SOURCES / CLASSIFIER / "1" / "model.py", target / CLASSIFIER / "1" / "model.py")
+    shutil.copy2(SOURCES / DETECTOR / "1" / "model.py", target / DETECTOR / "1" / "model.py")
+    shutil.copytree(pipeline_out / "bank", target / DETECTOR / "1" / "bank")
+    return target

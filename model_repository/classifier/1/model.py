@@ -1,0 +1,56 @@
+"""Triton Python-backend model: the exported ONNX classifier run by onnxruntime (cpu profile).
+
+Inputs ``images (C, H, W) float32`` in [0, 1]; outputs ``logits (num_classes,)`` and
+``activations (D,)``, the fingerprinted layers laid out as the bank expects, from one forward pass.
+All requests of one ``execute`` call run as one batch; a request with bad values (NaN, infinite, out
+of [0, 1]) gets its own error response and the others are answered normally.
+In the gpu profile the same ONNX file runs on Triton's native onnxruntime backend instead.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kernels.onnx_runtime import ort_session
+
+
+def image_problem(images: np.ndarray) -> str | None:
+    """Why a request's images cannot be classified, or None."""
+    if images.shape[0] == 0:
+        return "empty batch: the request holds no images"
+    if not np.isfinite(images).all():
+        return "images hold NaN or infinite values"
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        return f"image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]"
+    return None
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0"))
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        batch, owners = [], []
+        for i, request in enumerate(requests):
+            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+            problem = image_problem(images)
+            if problem:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+            else:
+                batch.append(images)
+                owners.append((i, len(images)))
+        if batch:
+            logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(batch)})
+            start = 0
+            for i, n in owners:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("logits", logits[start : start + n]),
+                    pb_utils.Tensor("activations", acts[start : start + n])])
+                start += n
+        return responses
