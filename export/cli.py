@@ -107,6 +107,16 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="test images of the onnxruntime-vs-torch parity check (default: %(default)s)")
 
 
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: the pip-installed server (Python backend only); gpu: NVIDIA's Triton container "
+                        "(default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=0, help="0 = a free port (default)")
+    p.add_argument("--http-port", type=int, default=0, help="0 = a free port (default)")
+    p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port (default)")
+    p.add_argument("--write-only", action="store_true", help="write <out>/repository/<profile> and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_evaluate]),
         "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                    [_add_export]),
-        "pipeline": ("run every stage in order (the README's main job)",
+        "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_serve]),
+        "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results", []),
+        "pipeline": ("run every stage in order, then the demo (the README's main job)",
                      [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate,
                       _add_export]),
     }
@@ -172,11 +184,49 @@ def run(args: argparse.Namespace) -> None:
         report["evaluate"] = f"{ws.root}/report/evaluation.md, evaluation.json, roc.png"
     if cmd in ("export", "pipeline"):
         report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
+    if cmd == "serve":
+        serve(ws, args)
+        return
+    served = None
+    if cmd in ("demo", "pipeline"):
+        from client.demo import format_report, run_demo
+
+        served = run_demo(ws.root)
+        report["demo"] = served
     print(json.dumps(report, indent=2))
     if table:
         print("\nDetection on the test split (fingerprint LRT beside the gray-pixel baseline):\n")
         print(table)
+    if served:
+        print(format_report(served))
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
+
+
+def serve(ws, args: argparse.Namespace) -> None:
+    """Write the repository and run the server in the foreground until Ctrl-C (or SIGTERM)."""
+    import signal
+    import time
+
+    from client.server import TritonServer
+    from export.repository import write_repository
+
+    repo = write_repository(ws.root, ws.root / "repository" / args.profile, args.profile)
+    print(f"model repository: {repo}", file=sys.stderr)
+    if args.write_only:
+        return
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=True)
+    try:
+        server.start()
+        print(f"serving 'guarded_classifier': gRPC {server.grpc_url}, metrics {server.metrics_url}; Ctrl-C stops",
+              file=sys.stderr)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        code = server.stop()
+        print(f"server stopped (exit code {code})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
