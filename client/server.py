@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,8 +122,10 @@ class TritonServer:
             if self.verbose:
                 print(f"[triton] {line.rstrip()}", file=sys.stderr)
 
-    def log_tail(self, n: int = 30) -> str:
-        return "\n".join(self.log_lines[-n:])
+    def log_tail(self, n: int = 12) -> str:
+        """The server's error lines (Triton prefixes them with E and the date), then its last lines."""
+        errors = [line for line in self.log_lines if re.match(r"E\d{4} ", line)]
+        return "\n".join(errors + ["..."] + self.log_lines[-n:])
 
     def _wait_ready(self) -> None:
         import tritonclient.grpc as grpcclient

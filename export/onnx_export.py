@@ -112,7 +112,7 @@ def export_onnx(model: nn.Module, layout: ActivationLayout, path: Path, parity_i
     """
     if parity_images.ndim != 4 or len(parity_images) < 2:
         raise InvalidInputError(f"parity check needs at least 2 images (N, C, H, W), got {parity_images.shape}")
-    wrapped = ClassifierWithActivations(model, layout)
+    wrapped = ClassifierWithActivations(model, layout).eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(np.ascontiguousarray(parity_images[:2]))

@@ -40,3 +40,29 @@ def small_model(mnist_subset):
     model = default_spec((1, 28, 28), 10).build()
     train_classifier(model, x, y, TrainingConfig(epochs=6, seed=0), progress=False)
     return model
+
+
+TINY_PIPELINE = ["--epochs", "4", "--per-class", "12", "--eval-count", "30", "--attack-profile", "mnist",
+                 "--eval-attacks", "fgsm", "pgd:eps=0.3", "pgd-targeted:eps=0.2", "deepfool",
+                 "cw-l2:max_iter=3,binary_search_steps=1",
+                 "--candidates", "4000", "--keep", "40", "--m", "16", "--spread-draws", "5"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, mnist_npz):
+    """The whole main job (offline stages, then the served demo) on 600 MNIST images, once per session.
+
+    Returns the output folder and what the command printed.
+    """
+    import contextlib
+    import io
+
+    from export.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["--threads", "2", "pipeline", "--out", str(out), "--quiet", "--dataset", str(mnist_npz),
+                   *TINY_PIPELINE])
+    assert rc == 0
+    return out, printed.getvalue()

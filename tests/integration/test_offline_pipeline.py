@@ -7,19 +7,14 @@ import pytest
 from export.cli import main
 
 
-def test_cli_runs_every_stage_and_records_a_manifest(tmp_path, mnist_npz, capsys):
-    out = tmp_path / "run"
-    rc = main(["--threads", "2", "pipeline", "--out", str(out), "--quiet", "--dataset", str(mnist_npz),
-               "--epochs", "4", "--per-class", "12", "--eval-count", "30", "--attack-profile", "mnist",
-               "--eval-attacks", "fgsm", "pgd-targeted:eps=0.2", "deepfool", "cw-l2:max_iter=3,binary_search_steps=1",
-               "--candidates", "4000", "--keep", "40", "--m", "16", "--spread-draws", "5"])
-    assert rc == 0
-    printed = capsys.readouterr().out
+def test_main_job_runs_every_stage_and_records_a_manifest(tiny_run):
+    out, printed = tiny_run
     report = json.loads(printed[: printed.index("\nDetection on the test split")])
     assert report["train"]["accuracy"]["test"] > 0.7
     manifest = json.loads((out / "manifest.json").read_text())
     assert list(manifest["stages"]) == ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
                                          "export"]
+    assert "Served by Triton over gRPC" in printed and report["demo"]["clean test"]["images"] == 120
     assert "activations/fit_attacked.npy" in manifest["stages"]["capture"]["files"]
 
     layout = json.loads((out / "activations" / "layout.json").read_text())
@@ -54,7 +49,7 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
-                                     "export", "pipeline"])
+                                     "export", "serve", "demo", "pipeline"])
 def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

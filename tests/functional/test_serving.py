@@ -1,0 +1,126 @@
+"""End to end: a real Triton server (from the nvidia-pytriton wheel) answering gRPC requests."""
+import json
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.grpc_client import DetectorClient, RequestError
+from client.server import ServerError, TritonServer
+from export.datasets import load_dataset
+from export.repository import write_repository
+from kernels.bank import Bank
+from kernels.calibration import Calibration
+from kernels.onnx_runtime import ort_session
+from kernels.scoring import score
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run, tmp_path_factory):
+    out, _ = tiny_run
+    repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu")
+    server = TritonServer(repo).start()
+    client = DetectorClient(server.grpc_url)
+    yield out, server, client
+    client.close()
+    server.stop()
+
+
+def test_served_results_equal_the_offline_pipeline_for_the_same_draws(served, mnist_subset):
+    out, _, client = served
+    x = mnist_subset[0][:40]
+    result = client.detect(x)
+    logits, acts = ort_session(out / "model.onnx").run(None, {"images": x})
+    bank = Bank.load(out / "bank")
+    cal = Calibration.from_json(bank.meta["calibration"]["lrt"])
+    labels = logits.argmax(1)
+    offline = score(acts, labels, bank, cal.m, ids=result.fingerprint_ids)
+    z = cal.standardize(offline.lrt, labels)
+    np.testing.assert_array_equal(result.label, labels)
+    np.testing.assert_allclose(result.score, z, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(result.is_attacked, z < cal.threshold(0.01, labels))
+    np.testing.assert_allclose(result.probabilities.sum(1), 1, atol=1e-5)
+
+
+def test_two_identical_requests_draw_different_fingerprints(served, mnist_subset):
+    _, _, client = served
+    x = mnist_subset[0][:1]
+    a, b = client.detect(x), client.detect(x)
+    assert a.label == b.label
+    assert not np.array_equal(a.fingerprint_ids, b.fingerprint_ids)
+
+
+def test_attacked_images_are_flagged_and_clean_ones_pass(served, mnist):
+    out, _, client = served
+    with np.load(out / "attacks" / "eval" / "pgd_eps0.3.npz") as adv:
+        attacked = adv["x_adv"][adv["success"]]
+    with np.load(out / "splits.npz") as s:
+        test = s["test"]
+
+    images = load_dataset(json.loads((out / "data.json").read_text())["dataset"]).x[test]
+    assert client.detect(attacked).is_attacked.mean() > 0.8
+    assert client.detect(images).is_attacked.mean() < 0.1
+
+
+def bad_request(client, images, dtype="FP32"):
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("images", list(images.shape), dtype)
+    tensor.set_data_from_numpy(images)
+    return client.client.infer("guarded_classifier", [tensor])
+
+
+def test_bad_requests_get_errors_while_concurrent_good_ones_succeed(served, mnist_subset):
+    _, _, client = served
+    good = mnist_subset[0][:4]
+    nan = good.copy()
+    nan[1, 0, 3, 3] = np.nan
+    futures = [client.submit(good), client.submit(nan), client.submit(good * 3), client.submit(good)]
+    assert futures[0].result().label.shape == (4,) and futures[3].result().label.shape == (4,)
+    with pytest.raises(RequestError, match="NaN"):
+        futures[1].result()
+    with pytest.raises(RequestError, match=r"must lie in \[0, 1\]"):
+        futures[2].result()
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="unexpected shape"):
+        bad_request(client, np.zeros((1, 1, 27, 27), np.float32))
+    with pytest.raises(InferenceServerException, match="data-type is .FP64., but .* expects .FP32."):
+        bad_request(client, np.zeros((1, 1, 28, 28), np.float64), "FP64")
+    assert client.detect(good).label.shape == (4,), "the server keeps serving"
+
+
+def test_concurrent_clients_all_get_answers(served, mnist_subset):
+    _, _, client = served
+    x = mnist_subset[0]
+    with ThreadPoolExecutor(8) as pool:
+        labels = list(pool.map(lambda i: client.detect(x[i : i + 1]).label[0], range(64)))
+    assert len(labels) == 64
+
+
+def test_detection_counts_are_exported_as_prometheus_metrics(served, mnist_subset):
+    _, server, client = served
+    client.detect(mnist_subset[0][:3])
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    counts = [line for line in text.splitlines() if line.startswith("nfp_inputs_total")]
+    assert counts and float(counts[0].split()[-1]) >= 3
+    assert "nfp_flagged_total" in text and "nfp_kernel_microseconds_total" in text
+
+
+def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
+    out, _ = tiny_run
+    repo = write_repository(out, tmp_path / "repo", "cpu")
+    meta_path = repo / "fingerprint_detector" / "1" / "bank" / "bank.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "model_sha256": "0" * 64}))
+    with pytest.raises(ServerError, match="built for model sha256 0000"):
+        TritonServer(repo).start()
+
+
+def test_the_server_shuts_down_cleanly_leaving_no_shared_memory(tiny_run, tmp_path):
+    out, _ = tiny_run
+    server = TritonServer(write_repository(out, tmp_path / "repo", "cpu")).start()
+    assert server.stop() == 0
+    assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))

@@ -1,0 +1,35 @@
+"""Both profiles' configs parse as Triton model configs and chain the same tensor names."""
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export.repository import PROFILES, ServingConfig, model_configs
+from kernels.bank import Bank
+from kernels.errors import InvalidInputError
+from tests.unit.test_cuda_kernel import mixed_size_bank
+
+
+@pytest.fixture
+def bank() -> Bank:
+    return mixed_size_bank().with_meta(draws_per_input=32, model_sha256="ab" * 32)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
+    configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
+               for name, text in model_configs(bank, [1, 28, 28], profile, ServingConfig()).items()}
+    classifier, detector, ensemble = configs["classifier"], configs["fingerprint_detector"], configs["guarded_classifier"]
+    assert [o.name for o in classifier.output] == ["logits", "activations"]
+    assert list(classifier.output[1].dims) == [300]
+    assert [i.name for i in detector.input] == ["logits", "activations"]
+    assert list(detector.output[4].dims) == [32]
+    assert ensemble.platform == "ensemble" and len(ensemble.ensemble_scheduling.step) == 2
+    assert detector.parameters["model_sha256"].string_value == "ab" * 32
+    kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if profile == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert classifier.instance_group[0].kind == kind and detector.instance_group[0].kind == kind
+    assert classifier.backend == ("onnxruntime" if profile == "gpu" else "python")
+
+
+def test_unknown_profile_is_refused(bank):
+    with pytest.raises(InvalidInputError, match="unknown profile 'tpu'"):
+        model_configs(bank, [1, 28, 28], "tpu", ServingConfig())
