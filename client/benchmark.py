@@ -1,0 +1,177 @@
+"""Latency and throughput over gRPC: the classifier alone against the guarded ensemble, one run.
+
+    python -m client.benchmark --out runs/default            # full sweep
+    python -m client.benchmark --out runs/default --quick    # concurrency 1, 8; batch 1, 8
+
+Starts a real Triton server on the pipeline's repository, then, for each model (``classifier``
+alone, ``guarded_classifier`` = classifier + fingerprint detector), batch size and concurrency
+(requests kept in flight by a closed loop), measures after a warm-up over a fixed time window:
+throughput (images/s), latency p50 / p90 / p99 and errors. Both models are measured in the same
+process against the same server, points interleaved, so the ratios compare like with like on a noisy
+machine. The detector's own compute comes from its ``nfp_kernel_microseconds_total`` metric, so the
+report splits the overhead into kernel time and hand-off between ensemble steps.
+Writes ``<out>/benchmark/benchmark.json``, ``.md`` and ``latency_throughput.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.server import TritonServer
+
+MODELS = ("classifier", "guarded_classifier")
+
+
+def kernel_microseconds(metrics_url: str) -> float:
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nfp_kernel_microseconds_total"))
+
+
+def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s: float, warmup_s: float) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` requests of ``images`` in flight for ``warmup_s + window_s``."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    slots, lock = threading.Semaphore(concurrency), threading.Lock()
+    latencies: list[float] = []
+    errors = [0]
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + window_s
+
+    def callback(sent: float, result, error) -> None:  # runs on the client's thread: record, free a slot
+        now = time.perf_counter()
+        if measure_from <= sent and now <= stop_at:
+            with lock:
+                if error is None:
+                    latencies.append(now - sent)
+                else:
+                    errors[0] += 1
+        slots.release()
+
+    while time.perf_counter() < stop_at:
+        if not slots.acquire(timeout=0.1):
+            continue
+        sent = time.perf_counter()
+        client.async_infer(model, [tensor], functools.partial(callback, sent))  # called as (result=, error=)
+    for _ in range(concurrency):  # wait for the last requests in flight
+        slots.acquire(timeout=60)
+    client.close()
+    lat = np.array(latencies) * 1e3
+    return {"model": model, "batch": len(images), "concurrency": concurrency, "requests": len(lat),
+            "errors": errors[0], "images_per_s": len(lat) * len(images) / window_s,
+            **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)}}
+
+
+def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float) -> dict[str, Any]:
+    from export.repository import write_repository
+
+    repo = write_repository(out, out / "repository" / "cpu", "cpu")
+    shape = json.loads((out / "data.json").read_text())["image_shape"]
+    rng = np.random.default_rng(0)
+    points = []
+    with TritonServer(repo) as server:
+        for batch in batches:
+            images = rng.random((batch, *shape), dtype=np.float32)
+            for conc in concurrencies:
+                for model in MODELS:  # interleaved: both models see the same machine state
+                    k0 = kernel_microseconds(server.metrics_url)
+                    point = measure(server.grpc_url, model, images, conc, window_s, warmup_s)
+                    calls = point["requests"] + point["errors"]
+                    point["kernel_us_per_request"] = ((kernel_microseconds(server.metrics_url) - k0) / calls
+                                                      if model != "classifier" and calls else None)
+                    points.append(point)
+                    print(f"{model:>19} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
+                          f"p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms  errors {point['errors']}")
+    return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "ratios": ratios(points)}
+
+
+def ratios(points: list[dict]) -> dict[str, Any]:
+    """Ensemble vs classifier alone: latency at batch 1 / concurrency 1, throughput at saturation."""
+    def pick(model, batch, conc):
+        return next(p for p in points if p["model"] == model and p["batch"] == batch and p["concurrency"] == conc)
+
+    out: dict[str, Any] = {}
+    b, c = min(p["batch"] for p in points), min(p["concurrency"] for p in points)
+    cls, ens = pick("classifier", b, c), pick("guarded_classifier", b, c)
+    out[f"batch{b}_conc{c}"] = {"classifier_p50_ms": cls["p50_ms"], "ensemble_p50_ms": ens["p50_ms"],
+                                "p50_ratio": ens["p50_ms"] / cls["p50_ms"], "p50_added_ms": ens["p50_ms"] - cls["p50_ms"],
+                                "p99_ratio": ens["p99_ms"] / cls["p99_ms"],
+                                "kernel_ms_per_request": (ens["kernel_us_per_request"] or 0) / 1e3}
+    best = {m: max(p["images_per_s"] for p in points if p["model"] == m) for m in MODELS}
+    out["saturation"] = {"classifier_images_per_s": best["classifier"], "ensemble_images_per_s": best["guarded_classifier"],
+                         "throughput_ratio": best["guarded_classifier"] / best["classifier"]}
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| model | batch | concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | kernel ms/request |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in report["points"]:
+        k = f"{p['kernel_us_per_request'] / 1e3:.3f}" if p["kernel_us_per_request"] is not None else ""
+        lines.append(f"| {p['model']} | {p['batch']} | {p['concurrency']} | {p['images_per_s']:,.0f} | {p['p50_ms']:.2f} "
+                     f"| {p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {k} |")
+    r = report["ratios"]
+    first = next(iter(r.values()))
+    lines += ["", f"Ensemble vs classifier alone at the smallest batch and concurrency: p50 x{first['p50_ratio']:.2f} "
+                  f"(+{first['p50_added_ms']:.2f} ms, of which kernel {first['kernel_ms_per_request']:.3f} ms), "
+                  f"p99 x{first['p99_ratio']:.2f}; throughput at saturation x{r['saturation']['throughput_ratio']:.2f} "
+                  f"({r['saturation']['ensemble_images_per_s']:,.0f} vs {r['saturation']['classifier_images_per_s']:,.0f} images/s)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for model in MODELS:
+        for batch in sorted({p["batch"] for p in report["points"]}):
+            pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch]
+            ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker="o",
+                    ls="-" if model == "guarded_classifier" else "--", label=f"{model}, batch {batch}")
+    ax.set_xlabel("throughput (images/s)")
+    ax.set_ylabel("p50 latency (ms)")
+    ax.set_yscale("log")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("gRPC latency vs throughput, concurrency sweep", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/default"), help="pipeline output folder (default: %(default)s)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--window", type=float, default=3.0, help="measured seconds per point (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per point (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="batch 1 and 8, concurrency 1 and 8, 1.5 s windows")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
+    report = run(args.out, args.batches, args.concurrency, args.window, args.warmup)
+    target = args.out / "benchmark"
+    target.mkdir(exist_ok=True)
+    (target / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (target / "benchmark.md").write_text(markdown(report))
+    plot(report, target / "latency_throughput.png")
+    print("\n" + markdown(report))
+    print(f"written to {target}/")
+
+
+if __name__ == "__main__":
+    main()
