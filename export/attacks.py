@@ -156,8 +156,13 @@ def make_art_attack(spec: AttackSpec, classifier, batch_size: int = 128, progres
 
 
 def _make_art_attack(spec: AttackSpec, classifier, batch_size: int, progress: bool):
-    from art.attacks.evasion import (BasicIterativeMethod, CarliniL2Method, DeepFool,
-                                     FastGradientMethod, ProjectedGradientDescent)
+    from art.attacks.evasion import (
+        BasicIterativeMethod,
+        CarliniL2Method,
+        DeepFool,
+        FastGradientMethod,
+        ProjectedGradientDescent,
+    )
 
     p = dict(spec.params)
     if spec.name == "fgsm":

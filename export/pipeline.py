@@ -14,12 +14,18 @@ import numpy as np
 import torch
 
 from export.activations import ActivationLayout, capture_activations
-from export.attacks import (attack_defaults, attack_into_classes, evaluation_suite, merge_results, parse_attack,
-                            run_attack)
+from export.attacks import (
+    attack_defaults,
+    attack_into_classes,
+    evaluation_suite,
+    merge_results,
+    parse_attack,
+    run_attack,
+)
 from export.datasets import DEFAULT_SPLIT_FRACTIONS, Dataset, Splits, load_dataset, split_dataset
+from export.fingerprint_search import SearchConfig, search_fingerprints
 from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, predict, save_checkpoint
 from export.training import TrainingConfig, train_classifier
-from export.fingerprint_search import SearchConfig, search_fingerprints
 from export.workspace import Workspace
 from kernels.bank import Bank
 from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold

@@ -31,12 +31,13 @@ PROFILES = ("cpu", "gpu")
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """Serving knobs, measured with ``client.benchmark``.
+    """Serving knobs; ``python -m client.benchmark`` measures their effect.
 
     Attributes:
         max_batch_size: largest batch Triton forms for one model execution.
-        queue_delay_us: dynamic-batching wait; delays add up across the two ensemble steps, and on
-            this machine 0 gave the lowest batch-1 latency (DESIGN.md: ~1 ms vs ~6 ms with 2 ms).
+        queue_delay_us: dynamic-batching wait. Delays add up across the two ensemble steps; with a
+            toy CNN ensemble on this kind of machine, 0 gave batch-1 p50 ~1 ms against ~6 ms with
+            2 ms per step (DESIGN.md).
         instances: model instances per model.
         false_positive_rate: which calibrated threshold decides ``is_attacked``.
     """

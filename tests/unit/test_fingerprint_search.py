@@ -2,8 +2,14 @@
 import numpy as np
 import pytest
 
-from export.fingerprint_search import (SearchConfig, SubsetStatistics, sample_subsets, search_class,
-                                       search_fingerprints, separation)
+from export.fingerprint_search import (
+    SearchConfig,
+    SubsetStatistics,
+    sample_subsets,
+    search_class,
+    search_fingerprints,
+    separation,
+)
 from kernels.errors import InvalidInputError
 
 SIGNAL = np.arange(10)  # the only neurons that separate clean from attacked

@@ -5,8 +5,8 @@ import torch
 
 from export.activations import capture_activations
 from export.onnx_export import ClassifierWithActivations, check_parity, export_onnx
-from kernels.onnx_runtime import ort_session
 from kernels.errors import ModelMismatchError
+from kernels.onnx_runtime import ort_session
 
 
 @pytest.fixture(scope="module")
