@@ -59,7 +59,13 @@ class SmallCNN(nn.Module):
         return self.fc3(self.relu4(self.fc2(x)))
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN}
+def _efficientnet_lite0(**kwargs) -> nn.Module:
+    from export.efficientnet_lite import efficientnet_lite0
+
+    return efficientnet_lite0(**kwargs)
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN, "efficientnet-lite0": _efficientnet_lite0}
 
 
 @dataclass(frozen=True)
