@@ -1,9 +1,11 @@
 """Latency and throughput over gRPC: the classifier alone against the guarded ensemble, one run.
 
-    python -m client.benchmark --out runs/default            # full sweep
+    python -m client.benchmark --out runs/default            # MNIST CNN and EfficientNet-Lite0
     python -m client.benchmark --out runs/default --quick    # concurrency 1, 8; batch 1, 8
 
-Starts a real Triton server on the pipeline's repository, then, for each model (``classifier``
+For each suite — the MNIST CNN of the pipeline output ``--out``, and EfficientNet-Lite0 with a
+synthetic bank of 1,000 classes x 1,000 fingerprints (``export.synthetic_bank``, built on first use
+in ``--efficientnet-out``) — starts a real Triton server on its repository, then, for each model (``classifier``
 alone, ``guarded_classifier`` = classifier + fingerprint detector), batch size and concurrency
 (requests kept in flight by a closed loop), measures after a warm-up over a fixed time window:
 throughput (images/s), latency p50 / p90 / p99 and errors. Both models are measured in the same
@@ -73,6 +75,7 @@ def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s
 
 
 def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float) -> dict[str, Any]:
+    """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point."""
     from export.repository import write_repository
 
     repo = write_repository(out, out / "repository" / "cpu", "cpu")
@@ -113,40 +116,44 @@ def ratios(points: list[dict]) -> dict[str, Any]:
     return out
 
 
-def markdown(report: dict[str, Any]) -> str:
-    lines = ["| model | batch | concurrency | images/s | p50 ms | p90 ms | p99 ms | errors | kernel ms/request |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for p in report["points"]:
-        k = f"{p['kernel_us_per_request'] / 1e3:.3f}" if p["kernel_us_per_request"] is not None else ""
-        lines.append(f"| {p['model']} | {p['batch']} | {p['concurrency']} | {p['images_per_s']:,.0f} | {p['p50_ms']:.2f} "
-                     f"| {p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {k} |")
-    r = report["ratios"]
-    first = next(iter(r.values()))
-    lines += ["", f"Ensemble vs classifier alone at the smallest batch and concurrency: p50 x{first['p50_ratio']:.2f} "
-                  f"(+{first['p50_added_ms']:.2f} ms, of which kernel {first['kernel_ms_per_request']:.3f} ms), "
-                  f"p99 x{first['p99_ratio']:.2f}; throughput at saturation x{r['saturation']['throughput_ratio']:.2f} "
-                  f"({r['saturation']['ensemble_images_per_s']:,.0f} vs {r['saturation']['classifier_images_per_s']:,.0f} images/s)."]
-    return "\n".join(lines) + "\n"
+def markdown(suites: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, report in suites.items():
+        lines += [f"### {name}", "", "| model | batch | concurrency | images/s | p50 ms | p90 ms | p99 ms | errors "
+                  "| kernel ms/request |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in report["points"]:
+            k = f"{p['kernel_us_per_request'] / 1e3:.3f}" if p["kernel_us_per_request"] is not None else ""
+            lines.append(f"| {p['model']} | {p['batch']} | {p['concurrency']} | {p['images_per_s']:,.0f} "
+                         f"| {p['p50_ms']:.2f} | {p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {k} |")
+        r = report["ratios"]
+        first = next(iter(r.values()))
+        lines += ["", f"Ensemble vs classifier alone at the smallest batch and concurrency: p50 x{first['p50_ratio']:.2f} "
+                      f"(+{first['p50_added_ms']:.2f} ms, of which detector kernel {first['kernel_ms_per_request']:.3f} ms), "
+                      f"p99 x{first['p99_ratio']:.2f}; throughput at saturation x{r['saturation']['throughput_ratio']:.2f} "
+                      f"({r['saturation']['ensemble_images_per_s']:,.0f} vs "
+                      f"{r['saturation']['classifier_images_per_s']:,.0f} images/s).", ""]
+    return "\n".join(lines)
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def plot(suites: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for model in MODELS:
-        for batch in sorted({p["batch"] for p in report["points"]}):
-            pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch]
-            ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker="o",
-                    ls="-" if model == "guarded_classifier" else "--", label=f"{model}, batch {batch}")
-    ax.set_xlabel("throughput (images/s)")
-    ax.set_ylabel("p50 latency (ms)")
-    ax.set_yscale("log")
-    ax.set_xscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("gRPC latency vs throughput, concurrency sweep", fontsize=10)
+    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
+    for ax, (name, report) in zip(axes[0], suites.items()):
+        for model in MODELS:
+            for batch in sorted({p["batch"] for p in report["points"]}):
+                pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch]
+                ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker="o",
+                        ls="-" if model == "guarded_classifier" else "--", label=f"{model}, batch {batch}")
+        ax.set_xlabel("throughput (images/s)")
+        ax.set_ylabel("p50 latency (ms)")
+        ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title(f"{name}: gRPC latency vs throughput, concurrency sweep", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -159,17 +166,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--window", type=float, default=3.0, help="measured seconds per point (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per point (default: %(default)s)")
+    p.add_argument("--efficientnet-out", type=Path, default=Path("runs/efficientnet-lite0"),
+                   help="EfficientNet-Lite0 suite's folder, built with a synthetic bank if missing (default: %(default)s)")
+    p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--efficientnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--no-efficientnet", action="store_true", help="only the MNIST suite")
     p.add_argument("--quick", action="store_true", help="batch 1 and 8, concurrency 1 and 8, 1.5 s windows")
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
-    report = run(args.out, args.batches, args.concurrency, args.window, args.warmup)
+        args.efficientnet_batches, args.efficientnet_concurrency = [1], [1, 8]
+    suites = {"MNIST CNN": run(args.out, args.batches, args.concurrency, args.window, args.warmup)}
+    if not args.no_efficientnet:
+        if not (args.efficientnet_out / "model.onnx").exists():
+            from export.synthetic_bank import write_synthetic_out
+
+            write_synthetic_out(args.efficientnet_out)
+        suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
+                                           args.efficientnet_concurrency, args.window, args.warmup)
     target = args.out / "benchmark"
     target.mkdir(exist_ok=True)
-    (target / "benchmark.json").write_text(json.dumps(report, indent=2))
-    (target / "benchmark.md").write_text(markdown(report))
-    plot(report, target / "latency_throughput.png")
-    print("\n" + markdown(report))
+    (target / "benchmark.json").write_text(json.dumps(suites, indent=2))
+    (target / "benchmark.md").write_text(markdown(suites))
+    plot(suites, target / "latency_throughput.png")
+    print("\n" + markdown(suites))
     print(f"written to {target}/")
 
 

@@ -126,7 +126,7 @@ def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     """
     b, d = acts.shape
     kmax = bank.indices.shape[1]
-    uniform = bool((bank.lengths == kmax).all())
+    uniform = bank.uniform_length
     if uniform:
         src, width = np.ascontiguousarray(acts).ravel(), d
     else:
