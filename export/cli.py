@@ -117,6 +117,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write-only", action="store_true", help="write <out>/repository/<profile> and exit")
 
 
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", type=Path, help="image files (resized to the served shape) or .npz files")
+    p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                    [_add_export]),
         "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_serve]),
+        "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
+                    [_add_predict]),
         "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results", []),
         "pipeline": ("run every stage in order, then the demo (the README's main job)",
                      [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate,
@@ -186,6 +193,11 @@ def run(args: argparse.Namespace) -> None:
         report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
     if cmd == "serve":
         serve(ws, args)
+        return
+    if cmd == "predict":
+        from client.predict import predict
+
+        print(predict(args.url, args.inputs))
         return
     served = None
     if cmd in ("demo", "pipeline"):

@@ -124,3 +124,18 @@ def test_the_server_shuts_down_cleanly_leaving_no_shared_memory(tiny_run, tmp_pa
     server = TritonServer(write_repository(out, tmp_path / "repo", "cpu")).start()
     assert server.stop() == 0
     assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
+
+
+def test_predict_command_prints_a_verdict_per_image(served, mnist_subset, tmp_path, capsys):
+    from PIL import Image
+
+    from export.cli import main
+
+    _, server, _ = served
+    Image.fromarray((mnist_subset[0][0, 0] * 255).astype(np.uint8)).save(tmp_path / "digit.png")
+    np.savez(tmp_path / "batch.npz", x=(mnist_subset[0][1:3, 0] * 255).astype(np.uint8))
+    assert main(["predict", "--url", server.grpc_url, str(tmp_path / "digit.png"), str(tmp_path / "batch.npz")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:4] == ["image", "label", "confidence", "score"]
+    assert [line.split()[0] for line in lines[1:]] == ["digit.png", "batch.npz[0]", "batch.npz[1]"]
+    assert all(line.split()[-1] in ("clean", "ATTACKED") for line in lines[1:])
