@@ -22,12 +22,16 @@ import json
 import threading
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from client.server import TritonServer
+
+if TYPE_CHECKING:
+    from export.repository import ServingConfig
 
 MODELS = ("classifier", "guarded_classifier")
 
@@ -74,11 +78,13 @@ def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s
             **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)}}
 
 
-def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float) -> dict[str, Any]:
+def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
+        serving: "ServingConfig | None" = None) -> dict[str, Any]:
     """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point."""
-    from export.repository import write_repository
+    from export.repository import ServingConfig, write_repository
 
-    repo = write_repository(out, out / "repository" / "cpu", "cpu")
+    serving = serving or ServingConfig()
+    repo = write_repository(out, out / "repository" / "cpu", "cpu", serving)
     shape = json.loads((out / "data.json").read_text())["image_shape"]
     rng = np.random.default_rng(0)
     points = []
@@ -95,7 +101,8 @@ def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float) -> 
                     points.append(point)
                     print(f"{model:>19} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
                           f"p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms  errors {point['errors']}")
-    return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "ratios": ratios(points)}
+    return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "serving": asdict(serving),
+            "ratios": ratios(points)}
 
 
 def ratios(points: list[dict]) -> dict[str, Any]:
@@ -171,19 +178,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--efficientnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--no-efficientnet", action="store_true", help="only the MNIST suite")
+    p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
+    p.add_argument("--no-mnist", action="store_true", help="only the EfficientNet-Lite0 suite")
     p.add_argument("--quick", action="store_true", help="batch 1 and 8, concurrency 1 and 8, 1.5 s windows")
     args = p.parse_args(argv)
+    from export.repository import ServingConfig
+
+    serving = ServingConfig(queue_delay_us=args.queue_delay_us, instances=args.instances)
     if args.quick:
         args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
         args.efficientnet_batches, args.efficientnet_concurrency = [1], [1, 8]
-    suites = {"MNIST CNN": run(args.out, args.batches, args.concurrency, args.window, args.warmup)}
+    suites = {}
+    if not args.no_mnist:
+        suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving)
     if not args.no_efficientnet:
         if not (args.efficientnet_out / "model.onnx").exists():
             from export.synthetic_bank import write_synthetic_out
 
             write_synthetic_out(args.efficientnet_out)
         suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
-                                           args.efficientnet_concurrency, args.window, args.warmup)
+                                           args.efficientnet_concurrency, args.window, args.warmup, serving)
     target = args.out / "benchmark"
     target.mkdir(exist_ok=True)
     (target / "benchmark.json").write_text(json.dumps(suites, indent=2))

@@ -54,3 +54,22 @@ def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "--out" in capsys.readouterr().out
+
+
+def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
+    import shutil
+
+    from export import pipeline
+    from export.workspace import Workspace
+    from kernels.errors import ModelMismatchError
+
+    out, _ = tiny_run
+    for name in ("data.json", "splits.npz"):
+        shutil.copy2(out / name, tmp_path / name)
+    ws = Workspace(tmp_path)
+    trained = json.loads((out / "classifier.json").read_text())["accuracy"]
+    result = pipeline.train(ws, factory="export.models:SmallCNN", weights=out / "classifier.pt", progress=False)
+    assert result["trained"] is False and result["accuracy"] == trained
+    with pytest.raises(ModelMismatchError, match="do not match SmallCNN"):
+        pipeline.train(ws, factory="export.models:SmallCNN", factory_kwargs={"num_classes": 7},
+                       weights=out / "classifier.pt", progress=False)
