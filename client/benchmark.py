@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
                                            args.efficientnet_concurrency, args.window, args.warmup, serving)
     target = args.out / "benchmark"
-    target.mkdir(exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     (target / "benchmark.json").write_text(json.dumps(suites, indent=2))
     (target / "benchmark.md").write_text(markdown(suites))
     plot(suites, target / "latency_throughput.png")
