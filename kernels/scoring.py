@@ -157,7 +157,7 @@ def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.nd
 
 
 def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,
-          ids: np.ndarray | None = None) -> Scores:
+          ids: np.ndarray | None = None, checked: bool = False) -> Scores:
     """Draw ``m`` fingerprints per input from its class's bank and score it.
 
     Args:
@@ -167,8 +167,11 @@ def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.rand
         m: fingerprints drawn per input.
         rng: generator of the draws; default :func:`secure_rng` (fresh OS entropy).
         ids: ``(B, m)`` draws to use instead of drawing (replaying a server's draws in tests).
+        checked: the caller already ran :func:`check_activations` on ``acts`` (the server checks each
+            request on its own, to answer a bad one with its own error).
     """
-    acts = check_activations(acts, bank.num_neurons)
+    if not checked:
+        check_activations(acts, bank.num_neurons)
     labels = check_labels(labels, len(acts), bank, m if ids is None else 1)
     if ids is None:
         ids = draw_fingerprints(labels, bank, m, rng or secure_rng())

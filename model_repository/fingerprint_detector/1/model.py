@@ -83,7 +83,7 @@ class TritonPythonModel:
         start = time.perf_counter()
         try:
             if self.gpu is None:
-                scores = score(np.concatenate(acts), labels, self.bank, self.m, self.rng)
+                scores = score(np.concatenate(acts), labels, self.bank, self.m, self.rng, checked=True)
             else:
                 import cupy as cp
 
