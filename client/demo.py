@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from client.grpc_client import DetectorClient
+from client.grpc_client import DetectorClient, RequestError
 from client.server import TritonServer
 from export.repository import write_repository
 
@@ -46,22 +46,36 @@ def run_demo(out: Path, batch_size: int = 32, latency_requests: int = 200, verbo
     report: dict[str, Any] = {}
     with TritonServer(repo, verbose=verbose) as server, DetectorClient(server.grpc_url) as client:
         def served(images: np.ndarray):
-            parts = [client.submit(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-            results = [f.result() for f in parts]
-            return np.concatenate([r.label for r in results]), np.concatenate([r.is_attacked for r in results])
+            """Labels and verdicts (-1 / False where the server refused the request) and the refusals."""
+            labels, flagged, refused = np.full(len(images), -1), np.zeros(len(images), bool), 0
+            starts = range(0, len(images), batch_size)
+            for start, future in zip(starts, [client.submit(images[s : s + batch_size]) for s in starts]):
+                try:
+                    r = future.result()
+                except RequestError:  # e.g. predicted as a class the bank has no fingerprints for
+                    refused += 1
+                    continue
+                labels[start : start + len(r.label)], flagged[start : start + len(r.label)] = r.label, r.is_attacked
+            return labels, flagged, refused
 
-        labels, flagged = served(x)
-        report["clean test"] = {"images": len(x), "accuracy": float((labels == y).mean()),
-                                "flagged": float(flagged.mean())}
+        labels, flagged, refused = served(x)
+        answered = labels >= 0
+        report["clean test"] = {"images": int(answered.sum()), "refused_requests": refused,
+                                "accuracy": float((labels[answered] == y[answered]).mean()),
+                                "flagged": float(flagged[answered].mean())}
         for name, adv in attacked.items():
-            _, flagged = served(adv)
-            report[name] = {"images": len(adv), "flagged": float(flagged.mean())}
-        client.detect(x[:1])  # warm-up
+            labels, flagged, refused = served(adv)
+            report[name] = {"images": int((labels >= 0).sum()), "refused_requests": refused,
+                            "flagged": float(flagged[labels >= 0].mean())}
         times = []
-        for i in range(latency_requests):
+        for i in range(latency_requests + 1):  # the first is a warm-up
             start = time.perf_counter()
-            client.detect(x[i % len(x) : i % len(x) + 1])
+            try:
+                client.detect(x[i % len(x) : i % len(x) + 1])
+            except RequestError:
+                pass  # a refusal is a full round trip too
             times.append(time.perf_counter() - start)
+        times = times[1:]
         report["latency_ms"] = {"p50": 1e3 * float(np.percentile(times, 50)),
                                 "p99": 1e3 * float(np.percentile(times, 99)), "requests": latency_requests}
     return report

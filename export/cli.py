@@ -25,6 +25,9 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
                    help="'mnist' (5,000 images, embedded), 'fashion-mnist' (Debian package dataset-fashion-mnist), "
                         "a folder with one sub-folder of images per class, or an .npz with x and y (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default: %(default)s)")
+    p.add_argument("--num-classes", type=int,
+                   help="the model's class count when it exceeds the folder's (sub-folders then named by class "
+                        "index, e.g. 285/ and 967/ for an ImageNet model)")
     p.add_argument("--fractions", type=float, nargs=3, metavar=("FIT", "CAL", "TEST"), default=(0.6, 0.2, 0.2),
                    help="shares of the fit, calibration and test splits (default: 0.6 0.2 0.2)")
 
@@ -37,6 +40,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                                      "(B, C, H, W) images in [0, 1] to logits (default: the built-in small CNN)")
     p.add_argument("--factory-kwargs", type=json.loads, default={}, help="JSON keyword arguments for --factory")
     p.add_argument("--weights", type=Path, help="a state_dict for the model: load it instead of training")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the factory returns a trained model (e.g. --factory efficientnet-lite0): use it as is")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default: %(default)s)")
@@ -165,10 +170,11 @@ def run(args: argparse.Namespace) -> None:
     ws, progress, cmd = Workspace(args.out), not args.quiet, args.command
     report = {}
     if cmd in ("prepare", "pipeline"):
-        report["prepare"] = pipeline.prepare(ws, args.dataset, args.seed, args.fractions)
+        report["prepare"] = pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes)
     if cmd in ("train", "pipeline"):
         config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
-        report["train"] = pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress)
+        report["train"] = pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress,
+                                         args.pretrained)
     if cmd in ("attack", "pipeline"):
         summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress,
                                    args.attack_profile)

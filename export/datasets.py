@@ -90,8 +90,12 @@ class Splits:
         return {"fit": self.fit, "calibration": self.calibration, "test": self.test}
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, num_classes: int | None = None) -> Dataset:
     """Load a built-in data set by name, an image folder, or an ``.npz`` file.
+
+    ``num_classes`` is for a model with more classes than the folder has (an ImageNet classifier and
+    a few classes of images): the sub-folders are then named by the model's class index ("285",
+    "967") and the labels are those indices.
 
     Raises:
         DatasetError: unknown name, missing files, empty folders, mixed image sizes, bad arrays.
@@ -102,7 +106,7 @@ def load_dataset(spec: str) -> Dataset:
         return load_fashion_mnist()
     path = Path(spec)
     if path.is_dir():
-        return load_image_folder(path)
+        return load_image_folder(path, num_classes)
     if path.suffix == ".npz" and path.is_file():
         return load_npz(path)
     raise DatasetError(
@@ -149,10 +153,11 @@ def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> Dataset:
     return Dataset("fashion-mnist", x, np.concatenate(ys).astype(np.int64), FASHION_MNIST_CLASSES)
 
 
-def load_image_folder(root: Path) -> Dataset:
+def load_image_folder(root: Path, num_classes: int | None = None) -> Dataset:
     """One sub-folder per class, images inside; all images must share one size.
 
-    Images are read in grayscale when every image is grayscale, in RGB otherwise.
+    Images are read in grayscale when every image is grayscale, in RGB otherwise. Labels follow the
+    sorted sub-folder names, or, with ``num_classes``, are the folders' names read as class indices.
     """
     from PIL import Image
 
@@ -179,7 +184,14 @@ def load_image_folder(root: Path) -> Dataset:
     x = np.stack(arrays).astype(np.float32) / 255.0
     x = x[:, None] if grayscale else x.transpose(0, 3, 1, 2)
     y = np.array([label for _, label in files], dtype=np.int64)
-    return Dataset(str(root), np.ascontiguousarray(x), y, tuple(d.name for d in class_dirs))
+    if num_classes is None:
+        return Dataset(str(root), np.ascontiguousarray(x), y, tuple(d.name for d in class_dirs))
+    bad = [d.name for d in class_dirs if not d.name.isdigit() or int(d.name) >= num_classes]
+    if bad:
+        raise DatasetError(f"{root}: with {num_classes} classes, sub-folders must be named by class index "
+                           f"0..{num_classes - 1}; not: {bad[:5]}")
+    index = np.array([int(d.name) for d in class_dirs], dtype=np.int64)
+    return Dataset(str(root), np.ascontiguousarray(x), index[y], tuple(str(c) for c in range(num_classes)))
 
 
 def load_npz(path: Path) -> Dataset:

@@ -30,7 +30,7 @@ from export.workspace import Workspace
 from kernels.bank import Bank
 from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
 from kernels.errors import InvalidInputError, ModelMismatchError
-from kernels.scoring import METHODS, score
+from kernels.scoring import METHODS, covered, score
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
 DEFAULT_M = 128                 # fingerprints drawn per input (see the README's measurements)
@@ -41,7 +41,7 @@ DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack
 def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
     """The data set and splits recorded by ``prepare``."""
     meta = ws.read_json(ws.data_json, "prepare")
-    ds = load_dataset(meta["dataset"])
+    ds = load_dataset(meta["dataset"], meta.get("num_classes"))
     if len(ds.y) != meta["num_images"] or ds.class_names != tuple(meta["class_names"]):
         raise ModelMismatchError(f"data set {meta['dataset']!r} changed since `prepare` ({meta['num_images']} images then, "
                                  f"{len(ds.y)} now): run prepare again")
@@ -50,14 +50,15 @@ def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
 
 
 def prepare(ws: Workspace, dataset: str = "mnist", seed: int = 0,
-            fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS) -> dict[str, Any]:
-    """Load the data set, make the seeded splits, and record both."""
+            fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS, num_classes: int | None = None) -> dict[str, Any]:
+    """Load the data set, make the seeded splits, and record both (see :func:`load_dataset` for
+    ``num_classes``)."""
     started = time.time()
-    ds = load_dataset(dataset)
+    ds = load_dataset(dataset, num_classes)
     splits = split_dataset(ds.y, seed, tuple(fractions))  # type: ignore[arg-type]
     ws.root.mkdir(parents=True, exist_ok=True)
     np.savez(ws.splits, **splits.as_dict())
-    meta = {"dataset": dataset, "num_images": len(ds.y), "image_shape": ds.image_shape,
+    meta = {"dataset": dataset, "num_classes": num_classes, "num_images": len(ds.y), "image_shape": ds.image_shape,
             "class_names": ds.class_names, "seed": seed, "fractions": list(fractions),
             "split_sizes": {k: len(v) for k, v in splits.as_dict().items()}}
     ws.write_json(ws.data_json, meta)
@@ -77,13 +78,14 @@ def correctly_classified(model: torch.nn.Module, ds: Dataset, idx: np.ndarray) -
 
 def train(ws: Workspace, config: TrainingConfig = TrainingConfig(), factory: str | None = None,
           factory_kwargs: dict[str, Any] | None = None, weights: Path | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, pretrained: bool = False) -> dict[str, Any]:
     """Train the classifier on the fit split, or load a user's weights, and report accuracy per split.
 
     Args:
         factory: ``"package.module:factory"`` returning an ``nn.Module``; default the built-in small CNN.
         factory_kwargs: keyword arguments for the factory.
         weights: an existing state_dict for the model; then nothing is trained.
+        pretrained: the factory's model is already trained (e.g. ``efficientnet-lite0``); use it as is.
     """
     started = time.time()
     ds, splits, _ = load_prepared(ws)
@@ -94,7 +96,7 @@ def train(ws: Workspace, config: TrainingConfig = TrainingConfig(), factory: str
     train_seconds = 0.0
     if weights is not None:
         load_weights(model, weights)
-    else:
+    elif not pretrained:
         t = time.time()
         train_classifier(model, ds.x[splits.fit], ds.y[splits.fit], config, progress)
         train_seconds = time.time() - t
@@ -102,9 +104,11 @@ def train(ws: Workspace, config: TrainingConfig = TrainingConfig(), factory: str
     if logits.shape[1] != ds.num_classes:
         raise ModelMismatchError(f"model gives {logits.shape[1]} logits but the data set has {ds.num_classes} classes")
     acc = {name: round(accuracy(model, ds.x[idx], ds.y[idx]), 4) for name, idx in splits.as_dict().items()}
-    results = {"accuracy": acc, "train_seconds": round(train_seconds, 1), "trained": weights is None}
-    save_checkpoint(model, spec, ws.classifier, {"training": asdict(config) if weights is None else None, **results})
-    ws.record("train", {"factory": factory, "weights": str(weights) if weights else None, **asdict(config)},
+    trained = weights is None and not pretrained
+    results = {"accuracy": acc, "train_seconds": round(train_seconds, 1), "trained": trained}
+    save_checkpoint(model, spec, ws.classifier, {"training": asdict(config) if trained else None, **results})
+    ws.record("train", {"factory": factory, "weights": str(weights) if weights else None, "pretrained": pretrained,
+                        **asdict(config)},
               [ws.classifier, ws.classifier.with_suffix(".json")], started, results)
     return results
 
@@ -255,9 +259,13 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     started = time.time()
     bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
+    keep = covered(meta["predicted"], bank, m)  # images predicted as a class the bank has no fingerprints for
+    if not keep.any():
+        raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
+    acts, predicted = acts[keep], meta["predicted"][keep]
     rng = np.random.default_rng(seed)
-    runs = [score(acts, meta["predicted"], bank, m, rng) for _ in range(repeats)]
-    labels = np.tile(meta["predicted"], repeats)
+    runs = [score(acts, predicted, bank, m, rng) for _ in range(repeats)]
+    labels = np.tile(predicted, repeats)
     cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
                                        method, m, fprs)
            for method in METHODS}
@@ -265,7 +273,7 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     files = list(bank.save(bank_dir(ws)))
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
               {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in cal["lrt"].thresholds.items()}})
-    return {"m": m, "calibration_images": int(len(acts)), "repeats": repeats}
+    return {"m": m, "calibration_images": int(len(acts)), "uncovered_images": int((~keep).sum()), "repeats": repeats}
 
 
 def load_calibrations(bank: Bank) -> dict[str, Calibration]:
@@ -286,16 +294,20 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     cals = load_calibrations(bank)
     fprs = sorted(cals["lrt"].thresholds)
     baseline = calibrate_baseline(ds.x[splits.calibration], fprs)
+    m = cals["lrt"].m
     test_acts, test_meta = load_activation_set(ws, "test", mmap=False)
-    clean = ImageSet(test_acts, test_meta["predicted"], ds.x[test_meta["source"]])
+    keep = covered(test_meta["predicted"], bank, m)  # the detector cannot check the other classes
+    clean = ImageSet(np.ascontiguousarray(test_acts[keep]), test_meta["predicted"][keep],
+                     ds.x[test_meta["source"][keep]])
     summary = ws.read_json(ws.attacks / "summary.json", "attack")
-    report: dict[str, Any] = {"m": cals["lrt"].m, "fprs": fprs, "seed": seed, "attacks": {},
+    report: dict[str, Any] = {"m": m, "fprs": fprs, "seed": seed, "attacks": {},
+                              "test_images_predicted_uncovered": int((~keep).sum()),
                               "test_accuracy": float((test_meta["predicted"] == test_meta["label"]).mean())}
     curves = {}
     for label in tqdm(summary["eval"], desc="evaluate", unit="attack", disable=not progress):
         acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
         adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
-        ok = adv["success"]
+        ok = adv["success"] & covered(meta["predicted"], bank, m)
         if ok.sum() < 2:
             report["attacks"][label] = {"skipped": f"only {int(ok.sum())} successful attacks"}
             continue

@@ -80,11 +80,16 @@ def check_labels(labels: np.ndarray, batch: int, bank: Bank, m: int) -> np.ndarr
     if labels.min() < 0 or labels.max() >= bank.num_classes:
         raise InvalidInputError(f"labels must lie in [0, {bank.num_classes}) (the bank's classes), "
                                 f"got [{labels.min()}, {labels.max()}]")
-    short = [int(c) for c in np.unique(labels) if bank.counts[c] < m]
+    short = np.unique(labels[~covered(labels, bank, m)]).tolist()
     if short:
         raise InvalidInputError(f"class(es) {short} have fewer fingerprints ({bank.counts[short].tolist()}) than the "
                                 f"{m} drawn per input; search more candidates or draw fewer")
     return labels.astype(np.int64)
+
+
+def covered(labels: np.ndarray, bank: Bank, m: int) -> np.ndarray:
+    """``(B,) bool``: whether each predicted class has at least ``m`` fingerprints to draw from."""
+    return bank.counts[np.asarray(labels, np.int64)] >= m
 
 
 def draw_fingerprints(labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator) -> np.ndarray:

@@ -76,10 +76,19 @@ def test_subsets_have_no_repeated_neuron():
     assert (np.diff(s, axis=1) > 0).all()
 
 
-def test_a_class_without_attacked_rows_is_named():
-    clean, attacked = planted(n=20, d=20)
-    with pytest.raises(InvalidInputError, match="class 1: 10 clean and 0 attacked"):
-        search_fingerprints(clean, np.repeat([0, 1], 10), attacked, np.zeros(20, int), 2, SearchConfig(k=(2,)))
+def test_a_class_without_attacked_rows_gets_no_fingerprints_and_is_refused_at_scoring():
+    from kernels.bank import Bank
+    from kernels.scoring import score
+
+    clean, attacked = planted(n=40, d=20)
+    fps = search_fingerprints(clean, np.repeat([0, 1], 20), attacked, np.zeros(40, int), 2,
+                              SearchConfig(k=(2,), candidates=2000, d_min=1.0), progress=False)
+    assert len(fps[0].neurons) > 0 and fps[1].neurons == []
+    bank = Bank.from_fingerprints(fps, 20)
+    with pytest.raises(InvalidInputError, match=r"class\(es\) \[1\] have fewer fingerprints \(\[0\]\)"):
+        score(clean[:2], np.array([0, 1]), bank, 4)
+    with pytest.raises(InvalidInputError, match="nothing to search"):
+        search_fingerprints(clean, np.zeros(40, int), attacked, np.ones(40, int), 2, SearchConfig(k=(2,)))
 
 
 def test_nan_activations_are_refused():

@@ -24,7 +24,7 @@ import triton_python_backend_utils as pb_utils
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.errors import FingerprintError
-from kernels.scoring import check_activations, score, secure_rng
+from kernels.scoring import check_activations, covered, score, secure_rng
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -70,6 +70,11 @@ class TritonPythonModel:
                     check_activations(a, self.bank.num_neurons)
                 if not np.isfinite(z).all():
                     raise FingerprintError("logits hold NaN or infinite values")
+                uncovered = ~covered(z.argmax(axis=1), self.bank, self.m)
+                if uncovered.any():
+                    classes = np.unique(z.argmax(axis=1)[uncovered]).tolist()
+                    raise FingerprintError(f"predicted class(es) {classes} have no fingerprints in the bank: "
+                                           "this input cannot be checked")
             except FingerprintError as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
