@@ -26,7 +26,7 @@ def load_eval_images(out: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.nd
     from export.datasets import load_dataset
 
     meta = json.loads((out / "data.json").read_text())
-    ds = load_dataset(meta["dataset"])
+    ds = load_dataset(meta["dataset"], meta.get("num_classes"))
     with np.load(out / "splits.npz") as s:
         test = s["test"]
     attacked = {}

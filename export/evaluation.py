@@ -128,6 +128,12 @@ def plot_roc(curves: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not curves:  # every attack was skipped: say so instead of drawing empty axes
+        fig = plt.figure(figsize=(4, 1.5))
+        fig.text(0.5, 0.5, "no attack had 2 or more successful images", ha="center", va="center")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     n = len(curves)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
