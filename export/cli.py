@@ -127,6 +127,11 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default: %(default)s)")
 
 
+def _add_whitebox(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fpr", type=float, default=0.01, help="operating false-positive rate (default: %(default)s)")
+    p.add_argument("--whitebox-seed", type=int, default=2, help="(default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                    [_add_export]),
         "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_serve]),
+        "whitebox": ("the white-box filter attack: what the server's random draws catch among images that "
+                     "passed a local detector", [_add_whitebox]),
         "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
                     [_add_predict]),
         "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results", []),
@@ -199,6 +206,9 @@ def run(args: argparse.Namespace) -> None:
         report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
     if cmd == "serve":
         serve(ws, args)
+        return
+    if cmd == "whitebox":
+        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed)["table"])
         return
     if cmd == "predict":
         from client.predict import predict

@@ -344,3 +344,42 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     files = [ws.root / "model.onnx", *bank.save(bank_dir(ws))]
     ws.record("export", {"parity_count": parity_count, "opset": opset}, files, started, report.to_json())
     return report.to_json()
+
+
+def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2) -> dict[str, Any]:
+    """The filter strategy of :mod:`export.whitebox` against every evaluation attack; writes
+    ``report/whitebox.json`` and ``report/whitebox.md``."""
+    from export.whitebox import filter_experiment
+
+    started = time.time()
+    bank = Bank.load(bank_dir(ws))
+    server = load_calibrations(bank)["lrt"]
+    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
+    keep = covered(cal_meta["predicted"], bank, server.m)
+    summary = ws.read_json(ws.attacks / "summary.json", "attack")
+    results: dict[str, Any] = {"m": server.m, "fpr": fpr, "attacks": {}}
+    lines = ["| attack | attacked | local detector | passed locally | still flagged by the server | evasion rate (95% CI) |",
+             "|---|---|---|---|---|---|"]
+    for label in summary["eval"]:
+        acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
+        adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+        ok = adv["success"] & covered(meta["predicted"], bank, server.m)
+        if not ok.any():
+            continue
+        r = filter_experiment(bank, server, cal_acts[keep], cal_meta["predicted"][keep], np.ascontiguousarray(acts[ok]),
+                              meta["predicted"][ok], fpr, seed)
+        results["attacks"][label] = r
+        for name in ("static", "random"):
+            e = r[name]
+            rate = "" if e["evasion_rate"] is None else f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})"
+            lines.append(f"| {label} | {r['attacked']} | {name} | {e['passed_local']} | {e['flagged_by_server']} | {rate} |")
+    out = ws.root / "report"
+    out.mkdir(exist_ok=True)
+    table = "\n".join(lines) + "\n"
+    (out / "whitebox.md").write_text(
+        f"# Filter strategy: attacked images that pass a local detector, sent to a server drawing m = {server.m} "
+        f"fingerprints per request (threshold for {fpr:.0%} FPR)\n\n{table}")
+    files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md"]
+    ws.record("whitebox", {"fpr": fpr, "seed": seed}, files, started)
+    results["table"] = table
+    return results

@@ -49,7 +49,7 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
-                                     "export", "serve", "predict", "demo", "pipeline"])
+                                     "export", "serve", "predict", "whitebox", "demo", "pipeline"])
 def test_every_subcommand_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

@@ -1,0 +1,75 @@
+"""The white-box attacker with a local copy: what per-request random draws buy (filter strategy).
+
+Threat model (Fisher, Shahar & Resheff, 2024, Sec. 5): the attacker has the classifier's weights, the
+whole bank, the threshold and this code, but not the server's random draws. Strategy 1, *filter*: make
+many attacked images, score each with a local detector, and send only those that pass it. Local
+detectors:
+
+- ``static``: every fingerprint of the predicted class (one fixed detector, its own threshold
+  calibrated on the clean calibration split at the same false-positive rate);
+- ``random``: one local random draw of ``m`` fingerprints, as the server does, with the server's
+  threshold.
+
+The figure that matters: of the images that passed the local detector, the fraction the server's own
+random draws (fresh for every request) still flag. The static detector lets 100% of its own
+survivors through by construction; a randomized server helps only insofar as its draws disagree with
+the local one. Strategy 2 (detector-aware optimisation) is not implemented yet.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kernels.bank import Bank
+from kernels.calibration import Calibration, calibrate_threshold
+from kernels.scoring import score
+
+
+def static_scores(acts: np.ndarray, labels: np.ndarray, bank: Bank) -> np.ndarray:
+    """``(N,)`` LRT scores using every fingerprint of each input's predicted class."""
+    out = np.empty(len(labels))
+    for c in np.unique(labels):
+        rows = labels == c
+        ids = np.broadcast_to(np.arange(bank.class_offsets[c], bank.class_offsets[c + 1]), (rows.sum(), bank.counts[c]))
+        out[rows] = score(acts[rows], labels[rows], bank, 1, ids=np.ascontiguousarray(ids)).lrt
+    return out
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``k / n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(centre - half), float(centre + half))
+
+
+def filter_experiment(bank: Bank, server: Calibration, calibration_acts: np.ndarray, calibration_labels: np.ndarray,
+                      attacked_acts: np.ndarray, attacked_labels: np.ndarray, fpr: float = 0.01,
+                      seed: int = 0) -> dict[str, Any]:
+    """Filter strategy against one set of successful attacked images.
+
+    Returns, per local detector, how many images passed it and how many of those the server's fresh
+    random draws still flag (with a 95% Wilson interval of the evasion rate = passed the server too).
+    """
+    rng = np.random.default_rng(seed)
+    static_cal = calibrate_threshold(static_scores(calibration_acts, calibration_labels, bank), calibration_labels,
+                                     bank.num_classes, "lrt-static", 0, (fpr,))
+    local = {
+        "static": ~static_cal.is_attacked(static_scores(attacked_acts, attacked_labels, bank), attacked_labels, fpr),
+        "random": ~server.is_attacked(score(attacked_acts, attacked_labels, bank, server.m, rng).lrt, attacked_labels, fpr),
+    }
+    out: dict[str, Any] = {"attacked": int(len(attacked_labels))}
+    for name, passed in local.items():
+        rows = np.flatnonzero(passed)
+        if len(rows):  # the server draws again, independently, for each request
+            flagged = server.is_attacked(score(attacked_acts[rows], attacked_labels[rows], bank, server.m, rng).lrt,
+                                         attacked_labels[rows], fpr)
+        else:
+            flagged = np.zeros(0, bool)
+        evaded = int((~flagged).sum())
+        out[name] = {"passed_local": int(len(rows)), "flagged_by_server": int(flagged.sum()), "evaded_server": evaded,
+                     "evasion_rate": evaded / len(rows) if len(rows) else None, "evasion_ci95": wilson(evaded, len(rows))}
+    return out

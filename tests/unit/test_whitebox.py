@@ -1,0 +1,38 @@
+"""Plumbing of the white-box filter experiment (not its headline number)."""
+import numpy as np
+
+from export.whitebox import filter_experiment, static_scores, wilson
+from kernels.calibration import calibrate_threshold
+from kernels.scoring import score
+from tests.unit.test_bank_and_scoring import bank, make_rows  # noqa: F401 (fixture)
+
+
+def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank):  # noqa: F811
+    cal_x, cal_y = make_rows(1000, 20, False)
+    server = calibrate_threshold(score(cal_x, cal_y, bank, 16, np.random.default_rng(0)).lrt, cal_y, 2, "lrt", 16, (0.05,))
+    att_x, att_y = make_rows(400, 21, True)
+    att_x = 0.2 * att_x + 0.8 * make_rows(400, 22, False)[0]  # weaker attacks: some pass locally
+    r = filter_experiment(bank, server, cal_x, cal_y, att_x, att_y, fpr=0.05, seed=3)
+    assert r["attacked"] == 400
+    for name in ("static", "random"):
+        e = r[name]
+        assert 0 < e["passed_local"] < 400
+        assert e["flagged_by_server"] + e["evaded_server"] == e["passed_local"]
+        lo, hi = e["evasion_ci95"]
+        assert lo <= e["evasion_rate"] <= hi
+    static_cal = calibrate_threshold(static_scores(cal_x, cal_y, bank), cal_y, 2, "lrt-static", 0, (0.05,))
+    passed = ~static_cal.is_attacked(static_scores(att_x, att_y, bank), att_y, 0.05)
+    assert passed.sum() == r["static"]["passed_local"]
+
+
+def test_static_scores_use_every_fingerprint_of_the_class(bank):  # noqa: F811
+    x, y = make_rows(6, 30, False)
+    expected = [score(x[i : i + 1], y[i : i + 1], bank, 1,
+                      ids=np.arange(bank.class_offsets[y[i]], bank.class_offsets[y[i] + 1])[None]).lrt[0] for i in range(6)]
+    np.testing.assert_allclose(static_scores(x, y, bank), expected)
+
+
+def test_wilson_interval_brackets_the_proportion():
+    lo, hi = wilson(5, 100)
+    assert lo < 0.05 < hi and 0 <= lo and hi <= 1
+    assert wilson(0, 0) == (0.0, 1.0)
