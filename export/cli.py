@@ -130,6 +130,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fpr", type=float, default=0.01, help="operating false-positive rate (default: %(default)s)")
     p.add_argument("--whitebox-seed", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--m-values", type=int, nargs="+",
+                   help="fingerprints the server draws per request, one experiment each (default: the bank's m)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace) -> None:
         serve(ws, args)
         return
     if cmd == "whitebox":
-        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed)["table"])
+        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values)["table"])
         return
     if cmd == "predict":
         from client.predict import predict

@@ -248,6 +248,26 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     return results
 
 
+def calibrate_draws(ws: Workspace, bank: Bank, m: int, fprs: Sequence[float], seed: int, repeats: int):
+    """Calibrations of every score method for draws of ``m``, from the calibration split.
+
+    Returns the calibrations, the activations used and the mask of images kept (predicted as a class
+    with at least ``m`` fingerprints).
+    """
+    acts, meta = load_activation_set(ws, "calibration", mmap=False)
+    keep = covered(meta["predicted"], bank, m)
+    if not keep.any():
+        raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
+    acts, predicted = acts[keep], meta["predicted"][keep]
+    rng = np.random.default_rng(seed)
+    runs = [score(acts, predicted, bank, m, rng) for _ in range(repeats)]
+    labels = np.tile(predicted, repeats)
+    cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
+                                       method, m, fprs)
+           for method in METHODS}
+    return cal, acts, keep
+
+
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS) -> dict[str, Any]:
     """Thresholds for each false-positive rate, from the calibration split's clean images, under the
@@ -258,17 +278,7 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     """
     started = time.time()
     bank = Bank.load(bank_dir(ws))
-    acts, meta = load_activation_set(ws, "calibration", mmap=False)
-    keep = covered(meta["predicted"], bank, m)  # images predicted as a class the bank has no fingerprints for
-    if not keep.any():
-        raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
-    acts, predicted = acts[keep], meta["predicted"][keep]
-    rng = np.random.default_rng(seed)
-    runs = [score(acts, predicted, bank, m, rng) for _ in range(repeats)]
-    labels = np.tile(predicted, repeats)
-    cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
-                                       method, m, fprs)
-           for method in METHODS}
+    cal, acts, keep = calibrate_draws(ws, bank, m, fprs, seed, repeats)
     bank = bank.with_meta(calibration={k: c.to_json() for k, c in cal.items()}, draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
@@ -346,40 +356,46 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     return report.to_json()
 
 
-def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2) -> dict[str, Any]:
-    """The filter strategy of :mod:`export.whitebox` against every evaluation attack; writes
-    ``report/whitebox.json`` and ``report/whitebox.md``."""
+def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None
+             ) -> dict[str, Any]:
+    """The filter strategy of :mod:`export.whitebox` against every evaluation attack, for servers
+    drawing each of ``m_values`` fingerprints per request (default: the bank's calibrated ``m``), each
+    calibrated for ``fpr``; writes ``report/whitebox.json`` and ``report/whitebox.md``."""
     from export.whitebox import filter_experiment
 
     started = time.time()
     bank = Bank.load(bank_dir(ws))
-    server = load_calibrations(bank)["lrt"]
-    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    keep = covered(cal_meta["predicted"], bank, server.m)
     summary = ws.read_json(ws.attacks / "summary.json", "attack")
-    results: dict[str, Any] = {"m": server.m, "fpr": fpr, "attacks": {}}
-    lines = ["| attack | attacked | local detector | passed locally | still flagged by the server | evasion rate (95% CI) |",
-             "|---|---|---|---|---|---|"]
-    for label in summary["eval"]:
-        acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
-        adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
-        ok = adv["success"] & covered(meta["predicted"], bank, server.m)
-        if not ok.any():
-            continue
-        r = filter_experiment(bank, server, cal_acts[keep], cal_meta["predicted"][keep], np.ascontiguousarray(acts[ok]),
-                              meta["predicted"][ok], fpr, seed)
-        results["attacks"][label] = r
-        for name in ("static", "random"):
-            e = r[name]
-            rate = "" if e["evasion_rate"] is None else f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})"
-            lines.append(f"| {label} | {r['attacked']} | {name} | {e['passed_local']} | {e['flagged_by_server']} | {rate} |")
+    m_values = list(m_values or [load_calibrations(bank)["lrt"].m])
+    results: dict[str, Any] = {"fpr": fpr, "m": {}}
+    lines = ["| m | attack | attacked | local detector | passed locally | still flagged by the server "
+             "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for m in m_values:
+        server_cals, cal_acts, keep = calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)
+        cal_labels = load_activation_set(ws, "calibration")[1]["predicted"][keep]
+        results["m"][m] = {}
+        for label in summary["eval"]:
+            acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
+            adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+            ok = adv["success"] & covered(meta["predicted"], bank, m)
+            if not ok.any():
+                continue
+            r = filter_experiment(bank, server_cals["lrt"], cal_acts, cal_labels, np.ascontiguousarray(acts[ok]),
+                                  meta["predicted"][ok], fpr, seed)
+            results["m"][m][label] = r
+            for name in ("static", "random"):
+                e = r[name]
+                rate = ("" if e["evasion_rate"] is None else
+                        f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})")
+                lines.append(f"| {m} | {label} | {r['attacked']} | {name} | {e['passed_local']} "
+                             f"| {e['flagged_by_server']} | {rate} |")
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     table = "\n".join(lines) + "\n"
     (out / "whitebox.md").write_text(
-        f"# Filter strategy: attacked images that pass a local detector, sent to a server drawing m = {server.m} "
-        f"fingerprints per request (threshold for {fpr:.0%} FPR)\n\n{table}")
+        "# Filter strategy: attacked images that pass a local detector, sent to a server drawing m fingerprints "
+        f"per request (thresholds for {fpr:.0%} FPR)\n\n{table}")
     files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md"]
-    ws.record("whitebox", {"fpr": fpr, "seed": seed}, files, started)
+    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values}, files, started)
     results["table"] = table
     return results

@@ -73,3 +73,17 @@ def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
     with pytest.raises(ModelMismatchError, match="do not match SmallCNN"):
         pipeline.train(ws, factory="export.models:SmallCNN", factory_kwargs={"num_classes": 7},
                        weights=out / "classifier.pt", progress=False)
+
+
+def test_whitebox_command_reports_each_draw_size(tiny_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "| 4 | fgsm_eps0.3 |" in printed and "| 16 | fgsm_eps0.3 |" in printed
+    result = json.loads((out / "report" / "whitebox.json").read_text())
+    for r in result["m"]["16"].values():
+        for name in ("static", "random"):
+            assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
