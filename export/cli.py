@@ -132,6 +132,11 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
     p.add_argument("--whitebox-seed", type=int, default=2, help="(default: %(default)s)")
     p.add_argument("--m-values", type=int, nargs="+",
                    help="fingerprints the server draws per request, one experiment each (default: the bank's m)")
+    p.add_argument("--adaptive-eps", type=float, nargs="*", default=[],
+                   help="also run the detector-aware PGD (strategy 2) at these L-inf budgets")
+    p.add_argument("--adaptive-count", type=int, default=100, help="test images it attacks (default: %(default)s)")
+    p.add_argument("--adaptive-weight", type=float, default=1.0,
+                   help="weight of the expected likelihood-ratio term in its loss (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,7 +215,8 @@ def run(args: argparse.Namespace) -> None:
         serve(ws, args)
         return
     if cmd == "whitebox":
-        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values)["table"])
+        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values, args.adaptive_eps,
+                                args.adaptive_count, args.adaptive_weight)["table"])
         return
     if cmd == "predict":
         from client.predict import predict

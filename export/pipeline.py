@@ -356,7 +356,8 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     return report.to_json()
 
 
-def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None
+def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None,
+             adaptive_eps: Sequence[float] = (), adaptive_count: int = 100, adaptive_weight: float = 1.0
              ) -> dict[str, Any]:
     """The filter strategy of :mod:`export.whitebox` against every evaluation attack, for servers
     drawing each of ``m_values`` fingerprints per request (default: the bank's calibrated ``m``), each
@@ -395,7 +396,45 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
     (out / "whitebox.md").write_text(
         "# Filter strategy: attacked images that pass a local detector, sent to a server drawing m fingerprints "
         f"per request (thresholds for {fpr:.0%} FPR)\n\n{table}")
+    if adaptive_eps:
+        results["adaptive"], adaptive_table = adaptive(ws, bank, fpr, seed, m_values, adaptive_eps, adaptive_count,
+                                                       adaptive_weight)
+        table += "\n" + adaptive_table
+        (out / "whitebox.md").write_text((out / "whitebox.md").read_text() + "\n## Detector-aware PGD\n\n" + adaptive_table)
     files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md"]
-    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values}, files, started)
+    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "adaptive_eps": list(adaptive_eps),
+                           "adaptive_count": adaptive_count, "adaptive_weight": adaptive_weight}, files, started)
     results["table"] = table
     return results
+
+
+def adaptive(ws: Workspace, bank: Bank, fpr: float, seed: int, m_values: Sequence[int], eps_values: Sequence[float],
+             count: int, weight: float) -> tuple[dict[str, Any], str]:
+    """Strategy 2: detector-aware PGD (weight > 0) beside plain PGD (weight 0) on ``count`` test images."""
+    from export.activations import capture_activations
+    from export.adaptive_attack import detector_aware_pgd
+    from export.whitebox import adaptive_experiment, static_scores
+
+    ds, splits, _ = load_prepared(ws)
+    model = load_classifier(ws)
+    layout = ActivationLayout.from_json(bank.meta["layout"])
+    test = correctly_classified(model, ds, splits.test)[:count]
+    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
+    keep = covered(cal_meta["predicted"], bank, 1)
+    static_cal = calibrate_threshold(static_scores(cal_acts[keep], cal_meta["predicted"][keep], bank),
+                                     cal_meta["predicted"][keep], bank.num_classes, "lrt-static", 0, (fpr,))
+    servers = {m: calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values}
+    results: dict[str, Any] = {}
+    lines = ["| eps | detector weight | attacked | misclassified | evade static | "
+             + " | ".join(f"evade random m={m}" for m in m_values) + " |", "|---" * (5 + len(m_values)) + "|"]
+    for eps in eps_values:
+        for w in (0.0, weight):
+            x_adv = detector_aware_pgd(model, layout, bank, ds.x[test], ds.y[test], eps, weight=w, seed=seed)
+            acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
+            labels = logits.argmax(1)
+            ok = covered(labels, bank, max(m_values))
+            r = adaptive_experiment(bank, servers, static_cal, acts[ok], labels[ok], ds.y[test][ok], fpr, seed)
+            results[f"eps{eps:g}_weight{w:g}"] = r
+            cells = [f"{r['static']['evasion_rate']:.3f}"] + [f"{r[f'random_m{m}']['evasion_rate']:.3f}" for m in m_values]
+            lines.append(f"| {eps:g} | {w:g} | {r['attacked']} | {r['misclassified']} | " + " | ".join(cells) + " |")
+    return results, "\n".join(lines) + "\n"

@@ -73,3 +73,25 @@ def filter_experiment(bank: Bank, server: Calibration, calibration_acts: np.ndar
         out[name] = {"passed_local": int(len(rows)), "flagged_by_server": int(flagged.sum()), "evaded_server": evaded,
                      "evasion_rate": evaded / len(rows) if len(rows) else None, "evasion_ci95": wilson(evaded, len(rows))}
     return out
+
+
+def adaptive_experiment(bank: Bank, server_by_m: dict[int, Calibration], static_cal: Calibration,
+                        acts: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, fpr: float = 0.01,
+                        seed: int = 0) -> dict[str, Any]:
+    """Evasion rates of detector-aware attacks (strategy 2): misclassified and not flagged, against the
+    static detector and against servers drawing each ``m`` of ``server_by_m`` fresh per request.
+
+    ``acts (N, D)``, predicted ``labels (N,)`` of the attacked images, ``true_labels (N,)``.
+    """
+    rng = np.random.default_rng(seed)
+    wrong = labels != true_labels
+    n = len(labels)
+    static_flag = static_cal.is_attacked(static_scores(acts, labels, bank), labels, fpr)
+    out: dict[str, Any] = {"attacked": n, "misclassified": int(wrong.sum())}
+    evaded = int((wrong & ~static_flag).sum())
+    out["static"] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
+    for m, cal in server_by_m.items():
+        flag = cal.is_attacked(score(acts, labels, bank, m, rng).lrt, labels, fpr)
+        evaded = int((wrong & ~flag).sum())
+        out[f"random_m{m}"] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
+    return out

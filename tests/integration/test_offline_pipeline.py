@@ -80,10 +80,13 @@ def test_whitebox_command_reports_each_draw_size(tiny_run, tmp_path, capsys):
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16"]) == 0
+    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16", "--adaptive-eps", "0.3",
+                 "--adaptive-count", "10"]) == 0
     printed = capsys.readouterr().out
     assert "| 4 | fgsm_eps0.3 |" in printed and "| 16 | fgsm_eps0.3 |" in printed
     result = json.loads((out / "report" / "whitebox.json").read_text())
+    adaptive = result["adaptive"]["eps0.3_weight1"]
+    assert adaptive["attacked"] <= 10 and 0 <= adaptive["random_m16"]["evaded"] <= adaptive["misclassified"]
     for r in result["m"]["16"].values():
         for name in ("static", "random"):
             assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
