@@ -401,7 +401,10 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
                                                        adaptive_weight)
         table += "\n" + adaptive_table
         (out / "whitebox.md").write_text((out / "whitebox.md").read_text() + "\n## Detector-aware PGD\n\n" + adaptive_table)
-    files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md"]
+    from export.whitebox import plot_evasion
+
+    plot_evasion(results, out / "whitebox.png")
+    files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md", out / "whitebox.png"]
     ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "adaptive_eps": list(adaptive_eps),
                            "adaptive_count": adaptive_count, "adaptive_weight": adaptive_weight}, files, started)
     results["table"] = table

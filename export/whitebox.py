@@ -95,3 +95,37 @@ def adaptive_experiment(bank: Bank, server_by_m: dict[int, Calibration], static_
         evaded = int((wrong & ~flag).sum())
         out[f"random_m{m}"] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
     return out
+
+
+def plot_evasion(results: dict[str, Any], path) -> None:
+    """Evasion rates with 95% intervals: filter strategy per attack and m, and the detector-aware attack."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []  # (label, rate, lo, hi)
+    for m, attacks in results["m"].items():
+        for attack, r in attacks.items():
+            for name in ("static", "random"):
+                e = r[name]
+                if e["evasion_rate"] is not None:
+                    rows.append((f"filter {name}, m={m}: {attack}", e["evasion_rate"], *e["evasion_ci95"]))
+    for setting, r in results.get("adaptive", {}).items():
+        for key, e in r.items():
+            if isinstance(e, dict):
+                rows.append((f"aware {setting}: vs {key}", e["evasion_rate"], *e["evasion_ci95"]))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(rows) + 1))
+    y = np.arange(len(rows))
+    rates = np.array([r[1] for r in rows])
+    err = np.clip(np.array([[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]), 0, None)  # rounding
+    ax.barh(y, rates, xerr=err, color=["tab:orange" if r[0].startswith("aware") else "tab:blue" for r in rows])
+    ax.set_yticks(y, [r[0] for r in rows], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("evasion rate, 95% CI (blue: filter strategy; orange: detector-aware PGD)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -85,6 +85,7 @@ def test_whitebox_command_reports_each_draw_size(tiny_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| 4 | fgsm_eps0.3 |" in printed and "| 16 | fgsm_eps0.3 |" in printed
     result = json.loads((out / "report" / "whitebox.json").read_text())
+    assert (out / "report" / "whitebox.png").stat().st_size > 5_000
     adaptive = result["adaptive"]["eps0.3_weight1"]
     assert adaptive["attacked"] <= 10 and 0 <= adaptive["random_m16"]["evaded"] <= adaptive["misclassified"]
     for r in result["m"]["16"].values():
