@@ -51,7 +51,8 @@ class ClassifierWithActivations(nn.Module):
 
         def hook(i: int, where: str):
             def fn(_m, inputs, output):
-                captured[i] = (output if where == "output" else inputs[0]).flatten(1)
+                # clone, as capture_activations does: a later in-place op must not change the value
+                captured[i] = (output if where == "output" else inputs[0]).flatten(1).clone()
             return fn
 
         handles = [modules[s.name].register_forward_hook(hook(i, s.where)) for i, s in enumerate(self.layout.slices)]

@@ -60,7 +60,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        logits, acts, owners = [], [], []
+        logits, labels, acts, owners = [], [], [], []
         for i, request in enumerate(requests):
             z = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy()
             a_tensor = pb_utils.get_input_tensor_by_name(request, "activations")
@@ -70,21 +70,22 @@ class TritonPythonModel:
                     check_activations(a, self.bank.num_neurons)
                 if not np.isfinite(z).all():
                     raise FingerprintError("logits hold NaN or infinite values")
-                uncovered = ~covered(z.argmax(axis=1), self.bank, self.m)
+                pred = z.argmax(axis=1)
+                uncovered = ~covered(pred, self.bank, self.m)
                 if uncovered.any():
-                    classes = np.unique(z.argmax(axis=1)[uncovered]).tolist()
+                    classes = np.unique(pred[uncovered]).tolist()
                     raise FingerprintError(f"predicted class(es) {classes} have no fingerprints in the bank: "
                                            "this input cannot be checked")
             except FingerprintError as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             logits.append(z)
+            labels.append(pred)
             acts.append(a)
             owners.append((i, len(z)))
         if not owners:
             return responses
-        logits = np.concatenate(logits)
-        labels = logits.argmax(axis=1)
+        logits, labels = np.concatenate(logits), np.concatenate(labels)
         start = time.perf_counter()
         try:
             if self.gpu is None:
@@ -93,8 +94,8 @@ class TritonPythonModel:
                 import cupy as cp
 
                 dev = cp.concatenate([a if isinstance(a, np.ndarray) else cp.from_dlpack(a.to_dlpack()) for a in acts])
-                scores = self.gpu.score(cp.asarray(dev), labels, self.m, self.rng)
-        except FingerprintError as e:  # e.g. a class without fingerprints: every request of the batch
+                scores = self.gpu.score(dev, labels, self.m, self.rng)
+        except FingerprintError as e:  # checks passed per request, so this is unexpected: fail the batch
             for i, _ in owners:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
             return responses
