@@ -1,24 +1,29 @@
-"""Latency and throughput over gRPC: the classifier alone against the guarded ensemble, one run.
+"""Latency and throughput over gRPC: the classifier alone against the guarded models, one run.
 
-    python -m client.benchmark --out runs/default            # MNIST CNN and EfficientNet-Lite0
-    python -m client.benchmark --out runs/default --quick    # concurrency 1, 8; batch 1, 8
+    python -m client.benchmark --out runs/default                    # MNIST CNN and EfficientNet-Lite0
+    python -m client.benchmark --out runs/default --quick            # concurrency 1, 8; batch 1, 8
+    python -m client.benchmark --out runs/default --shared-memory    # images through system shared memory
 
 For each suite — the MNIST CNN of the pipeline output ``--out``, and EfficientNet-Lite0 with a
 synthetic bank of 1,000 classes x 1,000 fingerprints (``export.synthetic_bank``, built on first use
 in ``--efficientnet-out``) — starts a real Triton server on its repository, then, for each model (``classifier``
 alone, ``guarded_classifier`` = classifier + fingerprint detector), batch size and concurrency
 (requests kept in flight by a closed loop), measures after a warm-up over a fixed time window:
-throughput (images/s), latency p50 / p90 / p99 and errors. Both models are measured in the same
-process against the same server, points interleaved, so the ratios compare like with like on a noisy
-machine. The detector's own compute comes from its ``nfp_kernel_microseconds_total`` metric, so the
-report splits the overhead into kernel time and hand-off between ensemble steps.
+throughput (images/s), latency p50 / p90 / p99 and errors. Three models are served by one server:
+``classifier`` alone, ``guarded_classifier`` (the ensemble: classifier, then fingerprint detector) and
+``guarded_classifier_fused`` (both in one Python step; ``--no-fused`` leaves it out). They are measured
+in the same process, points interleaved, so the ratios compare like with like on a noisy machine. The
+detectors' own compute comes from their ``nfp_kernel_microseconds_total`` metric, so the report splits
+the overhead into kernel time and hand-off between steps.
 Writes ``<out>/benchmark/benchmark.json``, ``.md`` and ``latency_throughput.png``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -33,21 +38,55 @@ from client.server import TritonServer
 if TYPE_CHECKING:
     from export.repository import ServingConfig
 
-MODELS = ("classifier", "guarded_classifier")
+BASELINE, ENSEMBLE, FUSED = "classifier", "guarded_classifier", "guarded_classifier_fused"
+DETECTING = {ENSEMBLE: "fingerprint_detector", FUSED: FUSED}  # model measured -> model whose kernel time it spends
 
 
-def kernel_microseconds(metrics_url: str) -> float:
+def kernel_microseconds(metrics_url: str, model: str) -> float:
+    """Total of ``model``'s ``nfp_kernel_microseconds_total`` counter."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("nfp_kernel_microseconds_total"))
+    prefix = f'nfp_kernel_microseconds_total{{model="{model}"'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s: float, warmup_s: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def image_input(client, images: np.ndarray, shared_memory: bool):
+    """The ``images`` input tensor, its bytes in the request or in a system shared-memory region."""
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
+    if not shared_memory:
+        tensor.set_data_from_numpy(images)
+        yield tensor
+        return
+    import tritonclient.utils.shared_memory as shm
+
+    name = f"nfp_bench_{os.getpid()}_{images.shape[0]}"
+    region = shm.create_shared_memory_region(name, "/" + name, images.nbytes)
+    try:
+        shm.set_shared_memory_region(region, [np.ascontiguousarray(images)])
+        client.register_system_shared_memory(name, "/" + name, images.nbytes)
+        tensor.set_shared_memory(name, images.nbytes)
+        yield tensor
+    finally:
+        client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(region)
+
+
+def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s: float, warmup_s: float,
+            shared_memory: bool = False) -> dict[str, Any]:
     """Closed loop: ``concurrency`` requests of ``images`` in flight for ``warmup_s + window_s``."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
-    tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(images)
+    with image_input(client, images, shared_memory) as tensor:
+        point = closed_loop(client, model, tensor, len(images), concurrency, window_s, warmup_s)
+    client.close()
+    return point
+
+
+def closed_loop(client, model: str, tensor, batch: int, concurrency: int, window_s: float,
+                warmup_s: float) -> dict[str, Any]:
     slots, lock = threading.Semaphore(concurrency), threading.Lock()
     latencies: list[float] = []
     errors = [0]
@@ -71,19 +110,19 @@ def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s
         client.async_infer(model, [tensor], functools.partial(callback, sent))  # called as (result=, error=)
     for _ in range(concurrency):  # wait for the last requests in flight
         slots.acquire(timeout=60)
-    client.close()
     lat = np.array(latencies) * 1e3
-    return {"model": model, "batch": len(images), "concurrency": concurrency, "requests": len(lat),
-            "errors": errors[0], "images_per_s": len(lat) * len(images) / window_s,
+    return {"model": model, "batch": batch, "concurrency": concurrency, "requests": len(lat),
+            "errors": errors[0], "images_per_s": len(lat) * batch / window_s,
             **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)}}
 
 
 def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
-        serving: "ServingConfig | None" = None) -> dict[str, Any]:
+        serving: "ServingConfig | None" = None, shared_memory: bool = False) -> dict[str, Any]:
     """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point."""
     from export.repository import ServingConfig, write_repository
 
-    serving = serving or ServingConfig()
+    serving = serving or ServingConfig(fused=True)
+    models = (BASELINE, ENSEMBLE, FUSED) if serving.fused else (BASELINE, ENSEMBLE)
     repo = write_repository(out, out / "repository" / "cpu", "cpu", serving)
     shape = json.loads((out / "data.json").read_text())["image_shape"]
     rng = np.random.default_rng(0)
@@ -92,34 +131,40 @@ def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
         for batch in batches:
             images = rng.random((batch, *shape), dtype=np.float32)
             for conc in concurrencies:
-                for model in MODELS:  # interleaved: both models see the same machine state
-                    k0 = kernel_microseconds(server.metrics_url)
-                    point = measure(server.grpc_url, model, images, conc, window_s, warmup_s)
+                for model in models:  # interleaved: all models see the same machine state
+                    detector = DETECTING.get(model)
+                    k0 = kernel_microseconds(server.metrics_url, detector) if detector else 0.0
+                    point = measure(server.grpc_url, model, images, conc, window_s, warmup_s, shared_memory)
                     calls = point["requests"] + point["errors"]
-                    point["kernel_us_per_request"] = ((kernel_microseconds(server.metrics_url) - k0) / calls
-                                                      if model != "classifier" and calls else None)
+                    point["kernel_us_per_request"] = ((kernel_microseconds(server.metrics_url, detector) - k0) / calls
+                                                      if detector and calls else None)
                     points.append(point)
-                    print(f"{model:>19} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
+                    print(f"{model:>24} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
                           f"p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms  errors {point['errors']}")
     return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "serving": asdict(serving),
-            "ratios": ratios(points)}
+            "shared_memory": shared_memory, "ratios": ratios(points)}
 
 
-def ratios(points: list[dict]) -> dict[str, Any]:
-    """Ensemble vs classifier alone: latency at batch 1 / concurrency 1, throughput at saturation."""
+def ratios(points: list[dict]) -> dict[str, dict[str, Any]]:
+    """Each guarded model vs the classifier alone: latency at the smallest batch and concurrency,
+    throughput at saturation (the best images/s over all points)."""
     def pick(model, batch, conc):
         return next(p for p in points if p["model"] == model and p["batch"] == batch and p["concurrency"] == conc)
 
-    out: dict[str, Any] = {}
     b, c = min(p["batch"] for p in points), min(p["concurrency"] for p in points)
-    cls, ens = pick("classifier", b, c), pick("guarded_classifier", b, c)
-    out[f"batch{b}_conc{c}"] = {"classifier_p50_ms": cls["p50_ms"], "ensemble_p50_ms": ens["p50_ms"],
-                                "p50_ratio": ens["p50_ms"] / cls["p50_ms"], "p50_added_ms": ens["p50_ms"] - cls["p50_ms"],
-                                "p99_ratio": ens["p99_ms"] / cls["p99_ms"],
-                                "kernel_ms_per_request": (ens["kernel_us_per_request"] or 0) / 1e3}
-    best = {m: max(p["images_per_s"] for p in points if p["model"] == m) for m in MODELS}
-    out["saturation"] = {"classifier_images_per_s": best["classifier"], "ensemble_images_per_s": best["guarded_classifier"],
-                         "throughput_ratio": best["guarded_classifier"] / best["classifier"]}
+    best = {p["model"]: max(q["images_per_s"] for q in points if q["model"] == p["model"]) for p in points}
+    base = pick(BASELINE, b, c)
+    out: dict[str, dict[str, Any]] = {}
+    for model in best:
+        if model == BASELINE:
+            continue
+        guarded = pick(model, b, c)
+        out[model] = {"batch": b, "concurrency": c, "classifier_p50_ms": base["p50_ms"], "p50_ms": guarded["p50_ms"],
+                      "p50_ratio": guarded["p50_ms"] / base["p50_ms"], "p50_added_ms": guarded["p50_ms"] - base["p50_ms"],
+                      "p99_ratio": guarded["p99_ms"] / base["p99_ms"],
+                      "kernel_ms_per_request": (guarded["kernel_us_per_request"] or 0) / 1e3,
+                      "classifier_saturation_images_per_s": best[BASELINE], "saturation_images_per_s": best[model],
+                      "throughput_ratio": best[model] / best[BASELINE]}
     return out
 
 
@@ -132,13 +177,14 @@ def markdown(suites: dict[str, dict[str, Any]]) -> str:
             k = f"{p['kernel_us_per_request'] / 1e3:.3f}" if p["kernel_us_per_request"] is not None else ""
             lines.append(f"| {p['model']} | {p['batch']} | {p['concurrency']} | {p['images_per_s']:,.0f} "
                          f"| {p['p50_ms']:.2f} | {p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {k} |")
-        r = report["ratios"]
-        first = next(iter(r.values()))
-        lines += ["", f"Ensemble vs classifier alone at the smallest batch and concurrency: p50 x{first['p50_ratio']:.2f} "
-                      f"(+{first['p50_added_ms']:.2f} ms, of which detector kernel {first['kernel_ms_per_request']:.3f} ms), "
-                      f"p99 x{first['p99_ratio']:.2f}; throughput at saturation x{r['saturation']['throughput_ratio']:.2f} "
-                      f"({r['saturation']['ensemble_images_per_s']:,.0f} vs "
-                      f"{r['saturation']['classifier_images_per_s']:,.0f} images/s).", ""]
+        lines.append("")
+        for model, r in report["ratios"].items():
+            lines.append(f"- `{model}` vs `classifier` alone, batch {r['batch']}, concurrency {r['concurrency']}: "
+                         f"p50 x{r['p50_ratio']:.2f} (+{r['p50_added_ms']:.2f} ms, of which detector kernel "
+                         f"{r['kernel_ms_per_request']:.3f} ms), p99 x{r['p99_ratio']:.2f}; throughput at saturation "
+                         f"x{r['throughput_ratio']:.2f} ({r['saturation_images_per_s']:,.0f} vs "
+                         f"{r['classifier_saturation_images_per_s']:,.0f} images/s).")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -150,11 +196,12 @@ def plot(suites: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
     for ax, (name, report) in zip(axes[0], suites.items()):
-        for model in MODELS:
+        styles = {BASELINE: "--", ENSEMBLE: "-", FUSED: ":"}
+        for model in dict.fromkeys(p["model"] for p in report["points"]):
             for batch in sorted({p["batch"] for p in report["points"]}):
                 pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch]
                 ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker="o",
-                        ls="-" if model == "guarded_classifier" else "--", label=f"{model}, batch {batch}")
+                        ls=styles[model], label=f"{model}, batch {batch}")
         ax.set_xlabel("throughput (images/s)")
         ax.set_ylabel("p50 latency (ms)")
         ax.set_yscale("log")
@@ -181,24 +228,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
     p.add_argument("--no-mnist", action="store_true", help="only the EfficientNet-Lite0 suite")
+    p.add_argument("--no-fused", action="store_true", help="leave out guarded_classifier_fused")
+    p.add_argument("--shared-memory", action="store_true",
+                   help="send the images through a system shared-memory region instead of the gRPC message")
     p.add_argument("--quick", action="store_true", help="batch 1 and 8, concurrency 1 and 8, 1.5 s windows")
     args = p.parse_args(argv)
     from export.repository import ServingConfig
 
-    serving = ServingConfig(queue_delay_us=args.queue_delay_us, instances=args.instances)
+    serving = ServingConfig(queue_delay_us=args.queue_delay_us, instances=args.instances, fused=not args.no_fused)
     if args.quick:
         args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
         args.efficientnet_batches, args.efficientnet_concurrency = [1], [1, 8]
     suites = {}
     if not args.no_mnist:
-        suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving)
+        suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving,
+                                  args.shared_memory)
     if not args.no_efficientnet:
         if not (args.efficientnet_out / "model.onnx").exists():
             from export.synthetic_bank import write_synthetic_out
 
             write_synthetic_out(args.efficientnet_out)
         suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
-                                           args.efficientnet_concurrency, args.window, args.warmup, serving)
+                                           args.efficientnet_concurrency, args.window, args.warmup, serving,
+                                           args.shared_memory)
     target = args.out / "benchmark"
     target.mkdir(parents=True, exist_ok=True)
     (target / "benchmark.json").write_text(json.dumps(suites, indent=2))

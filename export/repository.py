@@ -12,7 +12,9 @@ ensemble configs are the same in both profiles. Models:
 
 - ``classifier``: images -> logits, activations;
 - ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, fingerprint_ids;
-- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, fingerprint_ids.
+- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, fingerprint_ids;
+- ``guarded_classifier_fused`` (cpu profile, when ``ServingConfig.fused``): the same inputs and outputs
+  from one Python-backend step running both the classifier and the detector.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from kernels.bank import Bank
 from kernels.errors import InvalidInputError
 
 SOURCES = Path(__file__).resolve().parent.parent / "model_repository"
-ENSEMBLE, CLASSIFIER, DETECTOR = "guarded_classifier", "classifier", "fingerprint_detector"
+ENSEMBLE, CLASSIFIER, DETECTOR, FUSED = "guarded_classifier", "classifier", "fingerprint_detector", "guarded_classifier_fused"
 PROFILES = ("cpu", "gpu")
 
 
@@ -40,12 +42,14 @@ class ServingConfig:
             2 ms per step (DESIGN.md).
         instances: model instances per model.
         false_positive_rate: which calibrated threshold decides ``is_attacked``.
+        fused: also serve ``guarded_classifier_fused`` (cpu profile only).
     """
 
     max_batch_size: int = 256
     queue_delay_us: int = 0
     instances: int = 1
     false_positive_rate: float = 0.01
+    fused: bool = False
 
 
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:
@@ -65,9 +69,12 @@ def _instances(kind: str, cfg: ServingConfig) -> str:
 
 
 def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: ServingConfig) -> dict[str, str]:
-    """``config.pbtxt`` text of the three models for ``profile``."""
+    """``config.pbtxt`` text of each model for ``profile``, by model name."""
     if profile not in PROFILES:
         raise InvalidInputError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    if cfg.fused and profile != "cpu":
+        raise InvalidInputError("the fused guarded classifier exists in the cpu profile only; the gpu profile "
+                                "runs the classifier on Triton's onnxruntime backend")
     c, d, m = bank.num_classes, bank.num_neurons, int(bank.meta["draws_per_input"])
     images = _tensor("images", "TYPE_FP32", image_shape)
     logits, acts = _tensor("logits", "TYPE_FP32", [c]), _tensor("activations", "TYPE_FP32", [d])
@@ -82,10 +89,10 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
         classifier = (head(CLASSIFIER, 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"')
                       + _io("input", [images]) + _io("output", [logits, acts]) + _batching(cfg)
                       + _instances("KIND_GPU", cfg))
+    detection = (f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
+                 + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n')
     detector = (head(DETECTOR, 'backend: "python"') + _io("input", [logits, acts]) + _io("output", results)
-                + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg)
-                + f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
-                + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n')
+                + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
     names = ["label", "probabilities", "score", "is_attacked", "fingerprint_ids"]
@@ -99,7 +106,11 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
                 + '      input_map { key: "logits" value: "logits" }\n'
                 + '      input_map { key: "activations" value: "activations" }\n'
                 + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in names) + "    }\n  ]\n}\n")
-    return {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
+    configs = {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
+    if cfg.fused:
+        configs[FUSED] = (head(FUSED, 'backend: "python"') + _io("input", [images]) + _io("output", results)
+                          + _batching(cfg) + _instances("KIND_CPU", cfg) + detection)
+    return configs
 
 
 def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
@@ -125,6 +136,9 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
     shutil.copy2(onnx, target / CLASSIFIER / "1" / "model.onnx")
     if profile == "cpu":
         shutil.copy2(SOURCES / CLASSIFIER / "1" / "model.py", target / CLASSIFIER / "1" / "model.py")
-    shutil.copy2(SOURCES / DETECTOR / "1" / "model.py", target / DETECTOR / "1" / "model.py")
-    shutil.copytree(pipeline_out / "bank", target / DETECTOR / "1" / "bank")
+    for name in (DETECTOR, FUSED) if cfg.fused else (DETECTOR,):
+        shutil.copy2(SOURCES / name / "1" / "model.py", target / name / "1" / "model.py")
+        shutil.copytree(pipeline_out / "bank", target / name / "1" / "bank")
+    if cfg.fused:
+        shutil.copy2(onnx, target / FUSED / "1" / "model.onnx")
     return target

@@ -10,22 +10,28 @@ import pytest
 from client.grpc_client import DetectorClient, RequestError
 from client.server import ServerError, TritonServer
 from export.datasets import load_dataset
-from export.repository import write_repository
+from export.repository import ServingConfig, write_repository
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
 from kernels.scoring import score
 
+GUARDED = ("guarded_classifier", "guarded_classifier_fused")  # the ensemble and its one-step equivalent
+
 
 @pytest.fixture(scope="module")
-def served(tiny_run, tmp_path_factory):
+def server(tiny_run, tmp_path_factory):
     out, _ = tiny_run
-    repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu")
-    server = TritonServer(repo).start()
-    client = DetectorClient(server.grpc_url)
-    yield out, server, client
+    repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu", ServingConfig(fused=True))
+    with TritonServer(repo) as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=GUARDED)
+def served(tiny_run, server, request):
+    client = DetectorClient(server.grpc_url, model=request.param)
+    yield tiny_run[0], server, client
     client.close()
-    server.stop()
 
 
 def test_served_results_equal_the_offline_pipeline_for_the_same_draws(served, mnist_subset):
@@ -71,7 +77,7 @@ def bad_request(client, images, dtype="FP32"):
 
     tensor = grpcclient.InferInput("images", list(images.shape), dtype)
     tensor.set_data_from_numpy(images)
-    return client.client.infer("guarded_classifier", [tensor])
+    return client.client.infer(client.model, [tensor])
 
 
 def test_bad_requests_get_errors_while_concurrent_good_ones_succeed(served, mnist_subset):
@@ -104,11 +110,19 @@ def test_concurrent_clients_all_get_answers(served, mnist_subset):
 
 def test_detection_counts_are_exported_as_prometheus_metrics(served, mnist_subset):
     _, server, client = served
-    client.detect(mnist_subset[0][:3])
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    counts = [line for line in text.splitlines() if line.startswith("nfp_inputs_total")]
-    assert counts and float(counts[0].split()[-1]) >= 3
-    assert "nfp_flagged_total" in text and "nfp_kernel_microseconds_total" in text
+    detector = {"guarded_classifier": "fingerprint_detector"}.get(client.model, client.model)
+
+    def metric(name):
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(f'{name}{{model="{detector}"'))
+
+    inputs, flagged, kernel_us = (metric(n) for n in ("nfp_inputs_total", "nfp_flagged_total",
+                                                      "nfp_kernel_microseconds_total"))
+    result = client.detect(mnist_subset[0][:3])
+    assert metric("nfp_inputs_total") == inputs + 3
+    assert metric("nfp_flagged_total") == flagged + result.is_attacked.sum()
+    assert metric("nfp_kernel_microseconds_total") > kernel_us
 
 
 def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
@@ -128,12 +142,11 @@ def test_the_server_shuts_down_cleanly_leaving_no_shared_memory(tiny_run, tmp_pa
     assert not list(Path("/dev/shm").glob(f"{server.shm_prefix}*"))
 
 
-def test_predict_command_prints_a_verdict_per_image(served, mnist_subset, tmp_path, capsys):
+def test_predict_command_prints_a_verdict_per_image(server, mnist_subset, tmp_path, capsys):
     from PIL import Image
 
     from export.cli import main
 
-    _, server, _ = served
     Image.fromarray((mnist_subset[0][0, 0] * 255).astype(np.uint8)).save(tmp_path / "digit.png")
     np.savez(tmp_path / "batch.npz", x=(mnist_subset[0][1:3, 0] * 255).astype(np.uint8))
     assert main(["predict", "--url", server.grpc_url, str(tmp_path / "digit.png"), str(tmp_path / "batch.npz")]) == 0

@@ -33,3 +33,16 @@ def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
 def test_unknown_profile_is_refused(bank):
     with pytest.raises(InvalidInputError, match="unknown profile 'tpu'"):
         model_configs(bank, [1, 28, 28], "tpu", ServingConfig())
+
+
+def test_the_fused_model_has_the_ensembles_inputs_and_outputs_in_the_cpu_profile_only(bank):
+    configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
+               for name, text in model_configs(bank, [1, 28, 28], "cpu", ServingConfig(fused=True)).items()}
+    fused, ensemble = configs["guarded_classifier_fused"], configs["guarded_classifier"]
+    assert fused.backend == "python"
+    assert [(t.name, list(t.dims)) for t in fused.input] == [(t.name, list(t.dims)) for t in ensemble.input]
+    assert [(t.name, list(t.dims)) for t in fused.output] == [(t.name, list(t.dims)) for t in ensemble.output]
+    assert fused.parameters["model_sha256"].string_value == "ab" * 32
+    assert "guarded_classifier_fused" not in model_configs(bank, [1, 28, 28], "cpu", ServingConfig())
+    with pytest.raises(InvalidInputError, match="cpu profile only"):
+        model_configs(bank, [1, 28, 28], "gpu", ServingConfig(fused=True))

@@ -12,19 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kernels.onnx_runtime import ort_session
-
-
-def image_problem(images: np.ndarray) -> str | None:
-    """Why a request's images cannot be classified, or None."""
-    if images.shape[0] == 0:
-        return "empty batch: the request holds no images"
-    if not np.isfinite(images).all():
-        return "images hold NaN or infinite values"
-    low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
-        return f"image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]"
-    return None
+from kernels.onnx_runtime import image_problem, ort_session
 
 
 class TritonPythonModel:

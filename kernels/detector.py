@@ -1,0 +1,133 @@
+"""The served detector: randomized neural-fingerprint detection of a classifier's outputs.
+
+Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: load the bank once (refusing a bank
+built for another model), and for every input draw its own ``m`` fingerprints from the bank of the
+predicted class with a generator seeded from the operating system's CSPRNG, compute all their values
+in one gather-reduce (:mod:`kernels.scoring`, or the CUDA kernel of :mod:`kernels.gpu`), standardize the
+likelihood-ratio score for the predicted class and compare it with the threshold calibrated for the
+configured false-positive rate.
+
+Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
+``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
+tested directly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernels.bank import Bank
+from kernels.calibration import Calibration
+from kernels.errors import FingerprintError
+from kernels.scoring import check_activations, covered, score, secure_rng
+
+METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
+           ("nfp_flagged_total", "Inputs flagged as attacked"),
+           ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints"))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Verdicts for a batch; :meth:`outputs` slices them into one response's tensors."""
+
+    labels: np.ndarray  # (B,) int64 predicted classes
+    probabilities: np.ndarray  # (B, C) float32 softmax of the logits
+    score: np.ndarray  # (B,) float32 standardized LRT score, low = attacked
+    is_attacked: np.ndarray  # (B,) bool
+    fingerprint_ids: np.ndarray  # (B, m) int64 this batch's draws
+    kernel_s: float  # seconds spent drawing and scoring
+
+    def outputs(self, rows: slice) -> dict[str, np.ndarray]:
+        """The served output tensors of ``rows``, named as in the model configs."""
+        return {"label": self.labels[rows, None], "probabilities": self.probabilities[rows],
+                "score": self.score[rows, None], "is_attacked": self.is_attacked[rows, None],
+                "fingerprint_ids": self.fingerprint_ids[rows]}
+
+
+class DetectorMetrics:
+    """Prometheus counters of a detecting model (``pb_utils`` is Triton's module, passed in so this
+    file imports without Triton): inputs scored, inputs flagged, kernel microseconds."""
+
+    def __init__(self, pb_utils, model: str) -> None:
+        # keep the families alive: a Metric fails once its MetricFamily is garbage-collected
+        self.families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+                         for name, text in METRICS]
+        self.inputs, self.flagged, self.kernel_us = (f.Metric(labels={"model": model}) for f in self.families)
+
+    def record(self, detection: Detection) -> None:
+        self.inputs.increment(len(detection.labels))
+        self.flagged.increment(int(detection.is_attacked.sum()))
+        self.kernel_us.increment(int(detection.kernel_s * 1e6))
+
+
+class Detector:
+    """Bank, calibration and CSPRNG-seeded draws of one served model.
+
+    Args:
+        bank_dir: the calibrated bank exported with the model.
+        model_sha256: the served ONNX file's SHA-256; a bank bound to another model is refused.
+        false_positive_rate: which calibrated threshold decides ``is_attacked``.
+        gpu: score with the CUDA kernel (activations may then be GPU tensors).
+    """
+
+    def __init__(self, bank_dir: Path, model_sha256: str, false_positive_rate: float = 0.01, gpu: bool = False):
+        self.bank = Bank.load(Path(bank_dir), model_sha256=model_sha256)
+        self.calibration = Calibration.from_json(self.bank.meta["calibration"]["lrt"])
+        self.m = self.calibration.m
+        self.fpr = float(false_positive_rate)
+        self.calibration.threshold(self.fpr, np.zeros(1, np.int64))  # fail at load if not calibrated
+        self.rng = secure_rng()
+        self.gpu = None
+        if gpu:
+            from kernels.gpu import GpuScorer
+
+            self.gpu = GpuScorer(self.bank)
+
+    def problem(self, logits: np.ndarray, acts) -> str | None:
+        """Why one request's ``logits (B, C)`` and ``acts (B, D)`` cannot be checked, or None."""
+        try:
+            if self.gpu is None:
+                check_activations(acts, self.bank.num_neurons)
+            if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes:
+                raise FingerprintError(f"logits must have shape (B, {self.bank.num_classes}), got {logits.shape}")
+            if not np.isfinite(logits).all():
+                raise FingerprintError("logits hold NaN or infinite values")
+            pred = logits.argmax(axis=1)
+            uncovered = ~covered(pred, self.bank, self.m)
+            if uncovered.any():
+                classes = np.unique(pred[uncovered]).tolist()
+                raise FingerprintError(f"predicted class(es) {classes} have no fingerprints in the bank: "
+                                       "this input cannot be checked")
+        except FingerprintError as e:
+            return str(e)
+        return None
+
+    def detect(self, logits: np.ndarray, acts: list) -> Detection:
+        """Verdicts for a batch of requests that passed :meth:`problem`.
+
+        ``logits (B, C)`` of all requests; ``acts`` their activations, one array per request (on the
+        GPU path also DLPack tensors, used in place).
+        """
+        labels = logits.argmax(axis=1)
+        start = time.perf_counter()
+        if self.gpu is None:
+            batch = acts[0] if len(acts) == 1 else np.concatenate(acts)
+            scores = score(batch, labels, self.bank, self.m, self.rng, checked=True)
+        else:
+            import cupy as cp
+
+            dev = cp.concatenate([cp.asarray(a) if isinstance(a, np.ndarray) else cp.from_dlpack(a.to_dlpack())
+                                  for a in acts])
+            scores = self.gpu.score(dev, labels, self.m, self.rng)
+        kernel_s = time.perf_counter() - start
+        z = self.calibration.standardize(scores.lrt, labels).astype(np.float32)
+        flagged = z < self.calibration.threshold(self.fpr, labels)
+        return Detection(labels.astype(np.int64), softmax(logits), z, flagged, scores.ids.astype(np.int64), kernel_s)

@@ -1,0 +1,73 @@
+"""Triton Python-backend model: classifier and fingerprint detector in one step (cpu profile, optional).
+
+Same inputs and outputs as the ``guarded_classifier`` ensemble (``images`` -> ``label``,
+``probabilities``, ``score``, ``is_attacked``, ``fingerprint_ids``) and the same detection
+(``kernels.detector.Detector``), but the ONNX classifier and the detector run in one ``execute`` of
+one Python stub, so the activations never leave the process and no second ensemble step is
+scheduled. On the pip-installed server, where the classifier is itself a Python-backend model, this
+removes the hand-off between steps that dominates the ensemble's batch-1 overhead
+(``python -m client.benchmark``). Written by ``export.repository`` when ``ServingConfig.fused`` is set.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kernels.detector import Detector, DetectorMetrics
+from kernels.onnx_runtime import image_problem, ort_session
+
+
+def error(message: str):
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        version = Path(args["model_repository"]) / args["model_version"]
+        self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
+                                   providers=["CPUExecutionProvider"])
+        self.detector = Detector(version / "bank", params["model_sha256"],
+                                 float(params.get("false_positive_rate", "0.01")))
+        self.metrics = DetectorMetrics(pb_utils, args["model_name"])
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        images, owners = [], []
+        for i, request in enumerate(requests):
+            x = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
+            problem = image_problem(x)
+            if problem:
+                responses[i] = error(problem)
+            else:
+                images.append(x)
+                owners.append((i, len(x)))
+        if not owners:
+            return responses
+        logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(images)})
+        rows, checked = [], []
+        start = 0
+        for i, n in owners:
+            s = slice(start, start + n)
+            problem = self.detector.problem(logits[s], acts[s])
+            if problem:
+                responses[i] = error(problem)
+            else:
+                rows.append(s)
+                checked.append((i, n))
+            start += n
+        if not checked:
+            return responses
+        if len(checked) == len(owners):
+            detection = self.detector.detect(logits, [acts])
+        else:
+            detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), [acts[s] for s in rows])
+        self.metrics.record(detection)
+        start = 0
+        for i, n in checked:
+            out = detection.outputs(slice(start, start + n))
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
+            start += n
+        return responses

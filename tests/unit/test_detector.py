@@ -1,0 +1,73 @@
+"""The served detector: what both detecting Triton models run, checked without a server."""
+import numpy as np
+import pytest
+
+from kernels.bank import Bank
+from kernels.calibration import calibrate_threshold
+from kernels.detector import Detector
+from kernels.errors import ModelMismatchError
+from kernels.scoring import score
+from tests.unit.test_cuda_kernel import mixed_size_bank
+
+SHA = "cd" * 32
+M = 16
+
+
+@pytest.fixture
+def bank_dir(tmp_path):
+    """Three classes over 300 neurons; class 2 has no fingerprints."""
+    b = mixed_size_bank()
+    rng = np.random.default_rng(1)
+    cal = calibrate_threshold(rng.normal(size=400), rng.integers(0, 2, 400), 3, "lrt", M)
+    bank = Bank(b.indices, b.lengths, b.clean_mean, b.clean_std, b.attacked_mean, b.attacked_std, b.cohen_d,
+                np.array([0, 50, 150, 150]), {"num_neurons": 300})
+    bank.with_meta(model_sha256=SHA, draws_per_input=M, calibration={"lrt": cal.to_json()}).save(tmp_path / "bank")
+    return tmp_path / "bank"
+
+
+def logits_for(labels, classes=3):
+    z = np.zeros((len(labels), classes), np.float32)
+    z[np.arange(len(labels)), labels] = 5.0
+    return z
+
+
+def test_a_bank_bound_to_another_model_is_refused(bank_dir):
+    with pytest.raises(ModelMismatchError, match="built for model sha256 cdcd"):
+        Detector(bank_dir, "ef" * 32)
+
+
+def test_each_problem_of_a_request_is_named(bank_dir):
+    det = Detector(bank_dir, SHA)
+    acts = np.random.default_rng(0).random((2, 300), dtype=np.float32)
+    assert det.problem(logits_for([0, 1]), acts) is None
+    assert "shape (B, 300)" in det.problem(logits_for([0, 1]), acts[:, :299])
+    assert "float32" in det.problem(logits_for([0, 1]), acts.astype(np.float64))
+    nan = acts.copy()
+    nan[1, 5] = np.nan
+    assert "rows [1]" in det.problem(logits_for([0, 1]), nan)
+    assert "logits hold NaN" in det.problem(np.full((2, 3), np.nan, np.float32), acts)
+    assert "logits must have shape (B, 3)" in det.problem(np.zeros((2, 4), np.float32), acts)
+    assert "class(es) [2] have no fingerprints" in det.problem(logits_for([0, 2]), acts)
+
+
+def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
+    det = Detector(bank_dir, SHA, false_positive_rate=0.05)
+    rng = np.random.default_rng(2)
+    parts = [rng.random((3, 300), dtype=np.float32), rng.random((2, 300), dtype=np.float32)]
+    logits = logits_for([0, 1, 1, 0, 1])
+    d = det.detect(logits, parts)
+    offline = score(np.concatenate(parts), d.labels, det.bank, M, ids=d.fingerprint_ids)
+    z = det.calibration.standardize(offline.lrt, d.labels)
+    np.testing.assert_allclose(d.score, z, rtol=1e-5)
+    np.testing.assert_array_equal(d.is_attacked, z < det.calibration.threshold(0.05, d.labels))
+    assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0
+    out = d.outputs(slice(3, 5))
+    assert {k: v.shape for k, v in out.items()} == {"label": (2, 1), "probabilities": (2, 3), "score": (2, 1),
+                                                     "is_attacked": (2, 1), "fingerprint_ids": (2, M)}
+    np.testing.assert_allclose(out["probabilities"].sum(1), 1, rtol=1e-6)
+
+
+def test_two_detectors_draw_differently_for_the_same_input(bank_dir):
+    acts = [np.random.default_rng(3).random((1, 300), dtype=np.float32)]
+    a, b = (Detector(bank_dir, SHA).detect(logits_for([1]), acts) for _ in range(2))
+    assert not np.array_equal(a.fingerprint_ids, b.fingerprint_ids)
