@@ -105,6 +105,22 @@ class DetectorClient:
         self.client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=self.timeout_s)
         return future
 
+    def detector_parameters(self) -> dict[str, str]:
+        """The served detector's parameters (``model_sha256``, ``false_positive_rate``), read from the
+        configuration of the model, or of the ensemble step that detects."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            config = self.client.get_model_config(self.model, as_json=True)["config"]
+            steps = config.get("ensemble_scheduling", {}).get("step", [])
+            for cfg in [config] + [self.client.get_model_config(s["model_name"], as_json=True)["config"] for s in steps]:
+                params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+                if "false_positive_rate" in params:
+                    return params
+        except InferenceServerException as e:
+            raise RequestError(e.message()) from None
+        raise RequestError(f"model {self.model!r} has no fingerprint detector with a false_positive_rate parameter")
+
     def close(self) -> None:
         self.client.close()
 

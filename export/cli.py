@@ -137,6 +137,12 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive-count", type=int, default=100, help="test images it attacks (default: %(default)s)")
     p.add_argument("--adaptive-weight", type=float, default=1.0,
                    help="weight of the expected likelihood-ratio term in its loss (default: %(default)s)")
+    p.add_argument("--bank-sizes", type=int, nargs="+",
+                   help="repeat for banks of each class's N strongest fingerprints (default: the whole bank)")
+    p.add_argument("--url", help="attack a running Triton server at host:port (gRPC) instead of replaying it "
+                                 "offline; m, bank and FPR are then the server's")
+    p.add_argument("--model", default="guarded_classifier",
+                   help="served model to attack with --url (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                    [_add_export]),
         "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_serve]),
-        "whitebox": ("the white-box filter attack: what the server's random draws catch among images that "
-                     "passed a local detector", [_add_whitebox]),
+        "whitebox": ("the white-box attacker: what the server's random draws catch among images that passed a "
+                     "local detector (filter), and detector-aware PGD; offline or against a running server",
+                     [_add_whitebox]),
         "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
                     [_add_predict]),
         "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results", []),
@@ -215,8 +222,8 @@ def run(args: argparse.Namespace) -> None:
         serve(ws, args)
         return
     if cmd == "whitebox":
-        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values, args.adaptive_eps,
-                                args.adaptive_count, args.adaptive_weight)["table"])
+        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values, args.bank_sizes, args.adaptive_eps,
+                                args.adaptive_count, args.adaptive_weight, args.url, args.model)["table"])
         return
     if cmd == "predict":
         from client.predict import predict

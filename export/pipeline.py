@@ -357,87 +357,131 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
 
 
 def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None,
-             adaptive_eps: Sequence[float] = (), adaptive_count: int = 100, adaptive_weight: float = 1.0
+             bank_sizes: Sequence[int] | None = None, adaptive_eps: Sequence[float] = (), adaptive_count: int = 100,
+             adaptive_weight: float = 1.0, url: str | None = None, model: str = "guarded_classifier"
              ) -> dict[str, Any]:
-    """The filter strategy of :mod:`export.whitebox` against every evaluation attack, for servers
-    drawing each of ``m_values`` fingerprints per request (default: the bank's calibrated ``m``), each
-    calibrated for ``fpr``; writes ``report/whitebox.json`` and ``report/whitebox.md``."""
-    from export.whitebox import filter_experiment
+    """The white-box experiment of :mod:`export.whitebox`; writes ``report/whitebox.{json,md,png}``.
+
+    Filter strategy against every evaluation attack, and with ``adaptive_eps`` the detector-aware PGD,
+    for each bank size of ``bank_sizes`` (each class's strongest fingerprints; default: the whole bank)
+    and each ``m`` of ``m_values`` (default: the bank's calibrated ``m``). The server is replayed
+    offline, calibrated for ``fpr`` at each setting, unless ``url`` names a running Triton server: then
+    the images are sent to its ``model`` over gRPC and its verdicts count, at its own bank, ``m`` and
+    false-positive rate (read from its configuration).
+    """
+    from export.whitebox import RemoteServer, filter_experiment, plot_evasion
 
     started = time.time()
-    bank = Bank.load(bank_dir(ws))
+    full = Bank.load(bank_dir(ws))
     summary = ws.read_json(ws.attacks / "summary.json", "attack")
-    m_values = list(m_values or [load_calibrations(bank)["lrt"].m])
-    results: dict[str, Any] = {"fpr": fpr, "m": {}}
-    lines = ["| m | attack | attacked | local detector | passed locally | still flagged by the server "
-             "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|"]
-    for m in m_values:
-        server_cals, cal_acts, keep = calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)
-        cal_labels = load_activation_set(ws, "calibration")[1]["predicted"][keep]
-        results["m"][m] = {}
-        for label in summary["eval"]:
-            acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
-            adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
-            ok = adv["success"] & covered(meta["predicted"], bank, m)
-            if not ok.any():
-                continue
-            r = filter_experiment(bank, server_cals["lrt"], cal_acts, cal_labels, np.ascontiguousarray(acts[ok]),
-                                  meta["predicted"][ok], fpr, seed)
-            results["m"][m][label] = r
-            for name in ("static", "random"):
-                e = r[name]
-                rate = ("" if e["evasion_rate"] is None else
-                        f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})")
-                lines.append(f"| {m} | {label} | {r['attacked']} | {name} | {e['passed_local']} "
-                             f"| {e['flagged_by_server']} | {rate} |")
+    client = None
+    if url:
+        from client.grpc_client import DetectorClient
+
+        client = DetectorClient(url, model)
+        served = client.detector_parameters()
+        if served.get("model_sha256") != full.meta.get("model_sha256"):
+            raise ModelMismatchError(f"the server at {url} serves model sha256 {served.get('model_sha256')}, the bank in "
+                                     f"{ws.root} belongs to {full.meta.get('model_sha256')}: attack the served model")
+        fpr, bank_sizes = float(served["false_positive_rate"]), None
+        m_values = [load_calibrations(full)["lrt"].m]
+    m_values = list(m_values or [load_calibrations(full)["lrt"].m])
+    banks = [full] if not bank_sizes else [full.strongest(n) for n in bank_sizes]
+    results: dict[str, Any] = {"fpr": fpr, "server": {"url": url, "model": model} if url else "offline replay",
+                               "filter": []}
+    lines = ["| bank size | m | attack | attacked | local detector | passed locally | still flagged by the server "
+             "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|---|"]
+    mismatches = 0
+    for bank in banks:
+        size = int(bank.counts.max())
+        for m in m_values:
+            if client is None:
+                server_cal, cal_acts, keep = calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)
+                server_cal = server_cal["lrt"]
+            else:  # the attacker knows the served thresholds: those stored with the bank
+                server_cal = load_calibrations(bank)["lrt"]
+                cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
+                keep = covered(cal_meta["predicted"], bank, m)
+                cal_acts = cal_acts[keep]
+            cal_labels = load_activation_set(ws, "calibration")[1]["predicted"][keep]
+            for label in summary["eval"]:
+                acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
+                adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+                ok = adv["success"] & covered(meta["predicted"], bank, m)
+                if not ok.any():
+                    continue
+                remote = client and RemoteServer(client, adv["x_adv"][ok], meta["predicted"][ok], m)
+                r = filter_experiment(bank, server_cal, cal_acts, cal_labels, np.ascontiguousarray(acts[ok]),
+                                      meta["predicted"][ok], fpr, seed, remote)
+                mismatches += remote.label_mismatches if remote else 0
+                results["filter"].append({"bank_size": size, "m": m, "attack": label, **r})
+                for name in ("static", "random"):
+                    e = r[name]
+                    rate = ("" if e["evasion_rate"] is None else
+                            f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})")
+                    lines.append(f"| {size} | {m} | {label} | {r['attacked']} | {name} | {e['passed_local']} "
+                                 f"| {e['flagged_by_server']} | {rate} |")
+    where = f"the Triton server at {url} ({model})" if url else "the server, replayed offline"
+    table = (f"Server: {where}; thresholds for {fpr:.0%} FPR.\n\n" + "\n".join(lines) + "\n")
+    if adaptive_eps:
+        results["adaptive"], adaptive_table = adaptive(ws, banks, fpr, seed, m_values, adaptive_eps, adaptive_count,
+                                                       adaptive_weight, client)
+        table += "\n## Detector-aware PGD\n\n" + adaptive_table
+    if client is not None:
+        results["server"]["label_mismatches"] = mismatches
+        client.close()
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
-    table = "\n".join(lines) + "\n"
-    (out / "whitebox.md").write_text(
-        "# Filter strategy: attacked images that pass a local detector, sent to a server drawing m fingerprints "
-        f"per request (thresholds for {fpr:.0%} FPR)\n\n{table}")
-    if adaptive_eps:
-        results["adaptive"], adaptive_table = adaptive(ws, bank, fpr, seed, m_values, adaptive_eps, adaptive_count,
-                                                       adaptive_weight)
-        table += "\n" + adaptive_table
-        (out / "whitebox.md").write_text((out / "whitebox.md").read_text() + "\n## Detector-aware PGD\n\n" + adaptive_table)
-    from export.whitebox import plot_evasion
-
+    (out / "whitebox.md").write_text("# White-box attacker: filter strategy (attacked images that pass a local "
+                                     "detector, sent to a randomized server)\n\n" + table)
     plot_evasion(results, out / "whitebox.png")
     files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md", out / "whitebox.png"]
-    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "adaptive_eps": list(adaptive_eps),
-                           "adaptive_count": adaptive_count, "adaptive_weight": adaptive_weight}, files, started)
+    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "bank_sizes": list(bank_sizes or []),
+                           "adaptive_eps": list(adaptive_eps), "adaptive_count": adaptive_count,
+                           "adaptive_weight": adaptive_weight, "url": url, "model": model}, files, started)
     results["table"] = table
     return results
 
 
-def adaptive(ws: Workspace, bank: Bank, fpr: float, seed: int, m_values: Sequence[int], eps_values: Sequence[float],
-             count: int, weight: float) -> tuple[dict[str, Any], str]:
-    """Strategy 2: detector-aware PGD (weight > 0) beside plain PGD (weight 0) on ``count`` test images."""
-    from export.activations import capture_activations
+def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_values: Sequence[int],
+             eps_values: Sequence[float], count: int, weight: float, client=None) -> tuple[list[dict[str, Any]], str]:
+    """Strategy 2: detector-aware PGD (weight > 0) against each bank, beside plain PGD (weight 0), on
+    ``count`` test images; scored against the static detector of the bank and randomized servers
+    (replayed offline for each ``m``, or the running server behind ``client``)."""
     from export.adaptive_attack import detector_aware_pgd
-    from export.whitebox import adaptive_experiment, static_scores
+    from export.whitebox import RemoteServer, adaptive_experiment, offline_server, static_scores
 
     ds, splits, _ = load_prepared(ws)
     model = load_classifier(ws)
-    layout = ActivationLayout.from_json(bank.meta["layout"])
+    layout = ActivationLayout.from_json(banks[0].meta["layout"])
     test = correctly_classified(model, ds, splits.test)[:count]
+    x, y = ds.x[test], ds.y[test]
     cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    keep = covered(cal_meta["predicted"], bank, 1)
-    static_cal = calibrate_threshold(static_scores(cal_acts[keep], cal_meta["predicted"][keep], bank),
-                                     cal_meta["predicted"][keep], bank.num_classes, "lrt-static", 0, (fpr,))
-    servers = {m: calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values}
-    results: dict[str, Any] = {}
-    lines = ["| eps | detector weight | attacked | misclassified | evade static | "
-             + " | ".join(f"evade random m={m}" for m in m_values) + " |", "|---" * (5 + len(m_values)) + "|"]
+    rng = np.random.default_rng(seed)
+    results: list[dict[str, Any]] = []
+    names = ["server"] if client else [f"random_m{m}" for m in m_values]
+    lines = ["| eps | detector weight | bank size | attacked | misclassified | evade static | "
+             + " | ".join(f"evade {n}" for n in names) + " |", "|---" * (6 + len(names)) + "|"]
     for eps in eps_values:
-        for w in (0.0, weight):
-            x_adv = detector_aware_pgd(model, layout, bank, ds.x[test], ds.y[test], eps, weight=w, seed=seed)
-            acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
-            labels = logits.argmax(1)
-            ok = covered(labels, bank, max(m_values))
-            r = adaptive_experiment(bank, servers, static_cal, acts[ok], labels[ok], ds.y[test][ok], fpr, seed)
-            results[f"eps{eps:g}_weight{w:g}"] = r
-            cells = [f"{r['static']['evasion_rate']:.3f}"] + [f"{r[f'random_m{m}']['evasion_rate']:.3f}" for m in m_values]
-            lines.append(f"| {eps:g} | {w:g} | {r['attacked']} | {r['misclassified']} | " + " | ".join(cells) + " |")
+        plain = detector_aware_pgd(model, layout, banks[0], x, y, eps, weight=0.0, seed=seed)  # needs no bank
+        for bank in banks:
+            keep = covered(cal_meta["predicted"], bank, 1)
+            static_cal = calibrate_threshold(static_scores(cal_acts[keep], cal_meta["predicted"][keep], bank),
+                                             cal_meta["predicted"][keep], bank.num_classes, "lrt-static", 0, (fpr,))
+            cals = ({} if client else
+                    {m: calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values})
+            for w in (0.0, weight):
+                x_adv = plain if w == 0 else detector_aware_pgd(model, layout, bank, x, y, eps, weight=w, seed=seed)
+                acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
+                labels = logits.argmax(1)
+                ok = covered(labels, bank, max(m_values))
+                acts, labels = acts[ok], labels[ok]
+                servers = ({"server": RemoteServer(client, x_adv[ok], labels, m_values[0])} if client else
+                           {f"random_m{m}": offline_server(bank, cal, acts, labels, fpr, rng) for m, cal in cals.items()})
+                r = adaptive_experiment(bank, servers, static_cal, acts, labels, y[ok], fpr)
+                r = {"eps": eps, "weight": w, "bank_size": int(bank.counts.max()), **r}
+                results.append(r)
+                cells = [f"{r[n]['evasion_rate']:.3f}" for n in ("static", *names)]
+                lines.append(f"| {eps:g} | {w:g} | {r['bank_size']} | {r['attacked']} | {r['misclassified']} | "
+                             + " | ".join(cells) + " |")
     return results, "\n".join(lines) + "\n"

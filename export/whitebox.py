@@ -13,16 +13,21 @@ detectors:
 The figure that matters: of the images that passed the local detector, the fraction the server's own
 random draws (fresh for every request) still flag. The static detector lets 100% of its own
 survivors through by construction; a randomized server helps only insofar as its draws disagree with
-the local one. Strategy 2 (detector-aware optimisation) is not implemented yet.
+the local one. Strategy 2, *detector-aware optimisation* (:mod:`export.adaptive_attack`), is scored by
+:func:`adaptive_experiment`.
+
+The server is either replayed offline (:func:`offline_server`: the kernels' own scoring with fresh
+draws per image) or a running Triton server called over gRPC (:class:`RemoteServer`).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from kernels.bank import Bank
 from kernels.calibration import Calibration, calibrate_threshold
+from kernels.errors import ModelMismatchError
 from kernels.scoring import score
 
 
@@ -46,54 +51,84 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (float(centre - half), float(centre + half))
 
 
-def filter_experiment(bank: Bank, server: Calibration, calibration_acts: np.ndarray, calibration_labels: np.ndarray,
-                      attacked_acts: np.ndarray, attacked_labels: np.ndarray, fpr: float = 0.01,
-                      seed: int = 0) -> dict[str, Any]:
+Server = Callable[[np.ndarray], np.ndarray]
+"""The server's verdicts: rows of an attacked set -> ``(len(rows),) bool`` flagged."""
+
+
+def offline_server(bank: Bank, cal: Calibration, acts: np.ndarray, labels: np.ndarray, fpr: float,
+                   rng: np.random.Generator) -> Server:
+    """The server replayed offline: each image scored with its own fresh draw of ``cal.m`` fingerprints."""
+    return lambda rows: cal.is_attacked(score(acts[rows], labels[rows], bank, cal.m, rng).lrt, labels[rows], fpr)
+
+
+class RemoteServer:
+    """A running server's verdicts on ``images`` over gRPC (``client``: a :class:`client.grpc_client.DetectorClient`).
+
+    Counts in ``label_mismatches`` the images the server classified differently from ``labels`` (the
+    attacker's local copy); a mismatch means the local copy is not the served model.
+    """
+
+    def __init__(self, client, images: np.ndarray, labels: np.ndarray, m: int, batch: int = 64) -> None:
+        self.client, self.images, self.labels, self.m, self.batch = client, images, labels, m, batch
+        self.label_mismatches = 0
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        flags = []
+        for start in range(0, len(rows), self.batch):
+            chunk = rows[start : start + self.batch]
+            result = self.client.detect(np.ascontiguousarray(self.images[chunk]))
+            if result.fingerprint_ids.shape[1] != self.m:
+                raise ModelMismatchError(f"the server draws {result.fingerprint_ids.shape[1]} fingerprints per "
+                                         f"request, the local bank's calibration {self.m}: not the same bank")
+            self.label_mismatches += int((result.label != self.labels[chunk]).sum())
+            flags.append(result.is_attacked)
+        return np.concatenate(flags) if flags else np.zeros(0, bool)
+
+
+def filter_experiment(bank: Bank, server_cal: Calibration, calibration_acts: np.ndarray,
+                      calibration_labels: np.ndarray, attacked_acts: np.ndarray, attacked_labels: np.ndarray,
+                      fpr: float = 0.01, seed: int = 0, server: Server | None = None) -> dict[str, Any]:
     """Filter strategy against one set of successful attacked images.
 
-    Returns, per local detector, how many images passed it and how many of those the server's fresh
-    random draws still flag (with a 95% Wilson interval of the evasion rate = passed the server too).
+    ``server_cal`` is the server's calibration (the attacker knows it: the local random detector uses
+    it); ``server`` its verdicts, by default :func:`offline_server` with fresh draws.
+    Returns, per local detector, how many images passed it and how many of those the server still
+    flags (with a 95% Wilson interval of the evasion rate = passed the server too).
     """
     rng = np.random.default_rng(seed)
+    server = server or offline_server(bank, server_cal, attacked_acts, attacked_labels, fpr, rng)
     static_cal = calibrate_threshold(static_scores(calibration_acts, calibration_labels, bank), calibration_labels,
                                      bank.num_classes, "lrt-static", 0, (fpr,))
+    local_random = score(attacked_acts, attacked_labels, bank, server_cal.m, rng).lrt
     local = {
         "static": ~static_cal.is_attacked(static_scores(attacked_acts, attacked_labels, bank), attacked_labels, fpr),
-        "random": ~server.is_attacked(score(attacked_acts, attacked_labels, bank, server.m, rng).lrt, attacked_labels, fpr),
+        "random": ~server_cal.is_attacked(local_random, attacked_labels, fpr),
     }
     out: dict[str, Any] = {"attacked": int(len(attacked_labels))}
     for name, passed in local.items():
         rows = np.flatnonzero(passed)
-        if len(rows):  # the server draws again, independently, for each request
-            flagged = server.is_attacked(score(attacked_acts[rows], attacked_labels[rows], bank, server.m, rng).lrt,
-                                         attacked_labels[rows], fpr)
-        else:
-            flagged = np.zeros(0, bool)
+        flagged = server(rows) if len(rows) else np.zeros(0, bool)  # the server draws anew per request
         evaded = int((~flagged).sum())
         out[name] = {"passed_local": int(len(rows)), "flagged_by_server": int(flagged.sum()), "evaded_server": evaded,
                      "evasion_rate": evaded / len(rows) if len(rows) else None, "evasion_ci95": wilson(evaded, len(rows))}
     return out
 
 
-def adaptive_experiment(bank: Bank, server_by_m: dict[int, Calibration], static_cal: Calibration,
-                        acts: np.ndarray, labels: np.ndarray, true_labels: np.ndarray, fpr: float = 0.01,
-                        seed: int = 0) -> dict[str, Any]:
+def adaptive_experiment(bank: Bank, servers: dict[str, Server], static_cal: Calibration, acts: np.ndarray,
+                        labels: np.ndarray, true_labels: np.ndarray, fpr: float = 0.01) -> dict[str, Any]:
     """Evasion rates of detector-aware attacks (strategy 2): misclassified and not flagged, against the
-    static detector and against servers drawing each ``m`` of ``server_by_m`` fresh per request.
+    static detector and against each randomized server of ``servers`` (name -> verdicts).
 
     ``acts (N, D)``, predicted ``labels (N,)`` of the attacked images, ``true_labels (N,)``.
     """
-    rng = np.random.default_rng(seed)
     wrong = labels != true_labels
     n = len(labels)
-    static_flag = static_cal.is_attacked(static_scores(acts, labels, bank), labels, fpr)
+    flags = {"static": static_cal.is_attacked(static_scores(acts, labels, bank), labels, fpr)}
+    flags.update({name: server(np.arange(n)) for name, server in servers.items()})
     out: dict[str, Any] = {"attacked": n, "misclassified": int(wrong.sum())}
-    evaded = int((wrong & ~static_flag).sum())
-    out["static"] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
-    for m, cal in server_by_m.items():
-        flag = cal.is_attacked(score(acts, labels, bank, m, rng).lrt, labels, fpr)
+    for name, flag in flags.items():
         evaded = int((wrong & ~flag).sum())
-        out[f"random_m{m}"] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
+        out[name] = {"evaded": evaded, "evasion_rate": evaded / n, "evasion_ci95": wilson(evaded, n)}
     return out
 
 
@@ -105,16 +140,17 @@ def plot_evasion(results: dict[str, Any], path) -> None:
     import matplotlib.pyplot as plt
 
     rows = []  # (label, rate, lo, hi)
-    for m, attacks in results["m"].items():
-        for attack, r in attacks.items():
-            for name in ("static", "random"):
-                e = r[name]
-                if e["evasion_rate"] is not None:
-                    rows.append((f"filter {name}, m={m}: {attack}", e["evasion_rate"], *e["evasion_ci95"]))
-    for setting, r in results.get("adaptive", {}).items():
+    for r in results["filter"]:
+        for name in ("static", "random"):
+            e = r[name]
+            if e["evasion_rate"] is not None:
+                rows.append((f"filter {name}, bank {r['bank_size']}, m={r['m']}: {r['attack']}", e["evasion_rate"],
+                             *e["evasion_ci95"]))
+    for r in results.get("adaptive", []):
         for key, e in r.items():
             if isinstance(e, dict):
-                rows.append((f"aware {setting}: vs {key}", e["evasion_rate"], *e["evasion_ci95"]))
+                rows.append((f"aware eps {r['eps']:g} w {r['weight']:g}, bank {r['bank_size']}: vs {key}",
+                             e["evasion_rate"], *e["evasion_ci95"]))
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 0.22 * len(rows) + 1))

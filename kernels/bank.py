@@ -107,6 +107,18 @@ class Bank:
             if not np.isfinite(getattr(self, name)).all():
                 raise InvalidInputError(f"bank array {name!r} holds NaN or infinite values")
 
+    def strongest(self, per_class: int) -> "Bank":
+        """A smaller bank: each class's ``per_class`` fingerprints of largest |Cohen's d| (all of a class
+        that has fewer). Its calibration, if any, is dropped: thresholds depend on the bank."""
+        if per_class < 1:
+            raise InvalidInputError(f"fingerprints per class must be at least 1, got {per_class}")
+        rows = [self.class_slice(c).start + np.argsort(-np.abs(self.cohen_d[self.class_slice(c)]), kind="stable")[:per_class]
+                for c in range(self.num_classes)]
+        keep = np.concatenate(rows).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        meta = {k: v for k, v in self.meta.items() if k != "calibration"}
+        return Bank(*(getattr(self, n)[keep] for n in ARRAYS[:7]), offsets, meta)
+
     def with_meta(self, **updates: Any) -> "Bank":
         return replace(self, meta={**self.meta, **updates})
 

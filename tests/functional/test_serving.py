@@ -154,3 +154,36 @@ def test_predict_command_prints_a_verdict_per_image(server, mnist_subset, tmp_pa
     assert lines[0].split()[:4] == ["image", "label", "confidence", "score"]
     assert [line.split()[0] for line in lines[1:]] == ["digit.png", "batch.npz[0]", "batch.npz[1]"]
     assert all(line.split()[-1] in ("clean", "ATTACKED") for line in lines[1:])
+
+
+@pytest.mark.parametrize("model", GUARDED)
+def test_whitebox_command_sends_what_passed_locally_to_the_running_server(tiny_run, server, model, tmp_path, capsys):
+    import shutil
+
+    from export.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    assert main(["whitebox", "--out", str(out), "--url", server.grpc_url, "--model", model]) == 0
+    assert f"the Triton server at {server.grpc_url} ({model})" in capsys.readouterr().out
+    result = json.loads((out / "report" / "whitebox.json").read_text())
+    assert result["server"]["label_mismatches"] == 0 and result["fpr"] == 0.01
+    m = Calibration.from_json(Bank.load(out / "bank").meta["calibration"]["lrt"]).m
+    assert result["filter"] and {r["m"] for r in result["filter"]} == {m}
+    for r in result["filter"]:
+        for name in ("static", "random"):
+            assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
+
+
+def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, tmp_path):
+    import shutil
+
+    from export import pipeline
+    from export.workspace import Workspace
+    from kernels.errors import ModelMismatchError
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    Bank.load(out / "bank").with_meta(model_sha256="0" * 64).save(out / "bank")
+    with pytest.raises(ModelMismatchError, match="attack the served model"):
+        pipeline.whitebox(Workspace(out), url=server.grpc_url)

@@ -75,19 +75,23 @@ def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
                        weights=out / "classifier.pt", progress=False)
 
 
-def test_whitebox_command_reports_each_draw_size(tiny_run, tmp_path, capsys):
+def test_whitebox_command_reports_each_draw_size_and_bank_size(tiny_run, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16", "--adaptive-eps", "0.3",
-                 "--adaptive-count", "10"]) == 0
+    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16", "--bank-sizes", "20", "40",
+                 "--adaptive-eps", "0.3", "--adaptive-count", "10"]) == 0
     printed = capsys.readouterr().out
-    assert "| 4 | fgsm_eps0.3 |" in printed and "| 16 | fgsm_eps0.3 |" in printed
+    for size in (20, 40):
+        assert f"| {size} | 4 | fgsm_eps0.3 |" in printed and f"| {size} | 16 | fgsm_eps0.3 |" in printed
     result = json.loads((out / "report" / "whitebox.json").read_text())
     assert (out / "report" / "whitebox.png").stat().st_size > 5_000
-    adaptive = result["adaptive"]["eps0.3_weight1"]
-    assert adaptive["attacked"] <= 10 and 0 <= adaptive["random_m16"]["evaded"] <= adaptive["misclassified"]
-    for r in result["m"]["16"].values():
+    assert {(r["bank_size"], r["m"]) for r in result["filter"]} == {(20, 4), (20, 16), (40, 4), (40, 16)}
+    for r in result["filter"]:
         for name in ("static", "random"):
             assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
+    aware = [r for r in result["adaptive"] if r["weight"] == 1]
+    assert sorted(r["bank_size"] for r in aware) == [20, 40]
+    for r in aware:
+        assert r["attacked"] <= 10 and 0 <= r["random_m16"]["evaded"] <= r["misclassified"]

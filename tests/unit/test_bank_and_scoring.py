@@ -33,6 +33,15 @@ def bank():
     return Bank.from_fingerprints(fps, D, {"class_names": ["a", "b"]})
 
 
+def test_a_smaller_bank_keeps_each_classs_strongest_fingerprints(bank):
+    small = bank.with_meta(calibration={"lrt": {}}).strongest(50)
+    assert small.counts.tolist() == [min(50, n) for n in bank.counts.tolist()]
+    for c in range(bank.num_classes):
+        d = np.abs(bank.cohen_d[bank.class_slice(c)])
+        np.testing.assert_array_equal(np.sort(np.abs(small.cohen_d[small.class_slice(c)])), np.sort(d)[-50:])
+    assert "calibration" not in small.meta and small.num_neurons == bank.num_neurons
+
+
 def test_bank_round_trips_through_npz_and_json(bank, tmp_path):
     bank.with_meta(model_sha256="abc").save(tmp_path)
     back = Bank.load(tmp_path, model_sha256="abc")

@@ -1,7 +1,7 @@
 """Plumbing of the white-box filter experiment (not its headline number)."""
 import numpy as np
 
-from export.whitebox import filter_experiment, static_scores, wilson
+from export.whitebox import adaptive_experiment, filter_experiment, static_scores, wilson
 from kernels.calibration import calibrate_threshold
 from kernels.scoring import score
 from tests.unit.test_bank_and_scoring import bank, make_rows  # noqa: F401 (fixture)
@@ -23,6 +23,37 @@ def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank):  # noqa
     static_cal = calibrate_threshold(static_scores(cal_x, cal_y, bank), cal_y, 2, "lrt-static", 0, (0.05,))
     passed = ~static_cal.is_attacked(static_scores(att_x, att_y, bank), att_y, 0.05)
     assert passed.sum() == r["static"]["passed_local"]
+
+
+def test_the_server_sees_exactly_the_images_that_passed_locally(bank):  # noqa: F811
+    cal_x, cal_y = make_rows(1000, 20, False)
+    server = calibrate_threshold(score(cal_x, cal_y, bank, 16, np.random.default_rng(0)).lrt, cal_y, 2, "lrt", 16, (0.05,))
+    att_x, att_y = make_rows(400, 21, True)
+    att_x = 0.2 * att_x + 0.8 * make_rows(400, 22, False)[0]
+    sent = []
+
+    def flags_every_other(rows):  # a stand-in server: flags the even rows it is sent
+        sent.append(rows)
+        return rows % 2 == 0
+
+    r = filter_experiment(bank, server, cal_x, cal_y, att_x, att_y, fpr=0.05, seed=3, server=flags_every_other)
+    for name, rows in zip(("static", "random"), sent):
+        assert len(rows) == r[name]["passed_local"]
+        assert r[name]["flagged_by_server"] == (rows % 2 == 0).sum()
+        assert r[name]["evaded_server"] == (rows % 2 == 1).sum()
+
+
+def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank):  # noqa: F811
+    x, y = make_rows(8, 31, False)
+    true = y.copy()
+    true[:4] = 1 - true[:4]  # rows 0-3 misclassified
+    static_cal = calibrate_threshold(static_scores(x, y, bank), y, 2, "lrt-static", 0, (0.5,))
+    flags = np.array([True, False, True, False, True, False, True, False])
+    r = adaptive_experiment(bank, {"server": lambda rows: flags[rows]}, static_cal, x, y, true, fpr=0.5)
+    assert r["attacked"] == 8 and r["misclassified"] == 4
+    assert r["server"]["evaded"] == 2  # rows 1 and 3
+    static_flags = static_cal.is_attacked(static_scores(x, y, bank), y, 0.5)
+    assert r["static"]["evaded"] == int((~static_flags[:4]).sum())
 
 
 def test_static_scores_use_every_fingerprint_of_the_class(bank):  # noqa: F811
