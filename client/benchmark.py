@@ -74,19 +74,22 @@ def image_input(client, images: np.ndarray, shared_memory: bool):
 
 
 def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s: float, warmup_s: float,
-            shared_memory: bool = False) -> dict[str, Any]:
-    """Closed loop: ``concurrency`` requests of ``images`` in flight for ``warmup_s + window_s``."""
+            shared_memory: bool = False) -> tuple[list[float], int]:
+    """Closed loop: ``concurrency`` requests of ``images`` in flight for ``warmup_s + window_s``.
+
+    Returns the latencies (seconds) of the requests sent and answered inside the window, and the
+    number of errors among them."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     with image_input(client, images, shared_memory) as tensor:
-        point = closed_loop(client, model, tensor, len(images), concurrency, window_s, warmup_s)
+        result = closed_loop(client, model, tensor, concurrency, window_s, warmup_s)
     client.close()
-    return point
+    return result
 
 
-def closed_loop(client, model: str, tensor, batch: int, concurrency: int, window_s: float,
-                warmup_s: float) -> dict[str, Any]:
+def closed_loop(client, model: str, tensor, concurrency: int, window_s: float, warmup_s: float
+                ) -> tuple[list[float], int]:
     slots, lock = threading.Semaphore(concurrency), threading.Lock()
     latencies: list[float] = []
     errors = [0]
@@ -110,15 +113,24 @@ def closed_loop(client, model: str, tensor, batch: int, concurrency: int, window
         client.async_infer(model, [tensor], functools.partial(callback, sent))  # called as (result=, error=)
     for _ in range(concurrency):  # wait for the last requests in flight
         slots.acquire(timeout=60)
+    return latencies, errors[0]
+
+
+def summarize(model: str, batch: int, concurrency: int, latencies: list[float], errors: int,
+              window_s: float) -> dict[str, Any]:
     lat = np.array(latencies) * 1e3
-    return {"model": model, "batch": batch, "concurrency": concurrency, "requests": len(lat),
-            "errors": errors[0], "images_per_s": len(lat) * batch / window_s,
+    return {"model": model, "batch": batch, "concurrency": concurrency, "requests": len(lat), "errors": errors,
+            "images_per_s": len(lat) * batch / window_s,
             **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)}}
 
 
 def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
-        serving: "ServingConfig | None" = None, shared_memory: bool = False) -> dict[str, Any]:
-    """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point."""
+        serving: "ServingConfig | None" = None, shared_memory: bool = False, rounds: int = 3) -> dict[str, Any]:
+    """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point.
+
+    Each point's window is split into ``rounds`` slices; within a round the models take turns, in an
+    order rotated from round to round, so that drifts of the machine's speed hit every model alike.
+    """
     from export.repository import ServingConfig, write_repository
 
     serving = serving or ServingConfig(fused=True)
@@ -131,18 +143,26 @@ def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
         for batch in batches:
             images = rng.random((batch, *shape), dtype=np.float32)
             for conc in concurrencies:
-                for model in models:  # interleaved: all models see the same machine state
-                    detector = DETECTING.get(model)
-                    k0 = kernel_microseconds(server.metrics_url, detector) if detector else 0.0
-                    point = measure(server.grpc_url, model, images, conc, window_s, warmup_s, shared_memory)
+                latencies = {m: [] for m in models}
+                errors, kernel_us = dict.fromkeys(models, 0), dict.fromkeys(models, 0.0)
+                for r in range(rounds):
+                    for model in models[r % len(models):] + models[: r % len(models)]:
+                        detector = DETECTING.get(model)
+                        k0 = kernel_microseconds(server.metrics_url, detector) if detector else 0.0
+                        lat, err = measure(server.grpc_url, model, images, conc, window_s / rounds, warmup_s,
+                                           shared_memory)
+                        latencies[model] += lat
+                        errors[model] += err
+                        kernel_us[model] += kernel_microseconds(server.metrics_url, detector) - k0 if detector else 0.0
+                for model in models:
+                    point = summarize(model, batch, conc, latencies[model], errors[model], window_s)
                     calls = point["requests"] + point["errors"]
-                    point["kernel_us_per_request"] = ((kernel_microseconds(server.metrics_url, detector) - k0) / calls
-                                                      if detector and calls else None)
+                    point["kernel_us_per_request"] = kernel_us[model] / calls if model in DETECTING and calls else None
                     points.append(point)
                     print(f"{model:>24} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
                           f"p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms  errors {point['errors']}")
-    return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "serving": asdict(serving),
-            "shared_memory": shared_memory, "ratios": ratios(points)}
+    return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "rounds": rounds,
+            "serving": asdict(serving), "shared_memory": shared_memory, "ratios": ratios(points)}
 
 
 def ratios(points: list[dict]) -> dict[str, dict[str, Any]]:
@@ -219,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--window", type=float, default=3.0, help="measured seconds per point (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per point (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.5,
+                   help="warm-up seconds before each measured slice (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="slices of each point's window, models taking turns in rotated order (default: %(default)s)")
     p.add_argument("--efficientnet-out", type=Path, default=Path("runs/efficientnet-lite0"),
                    help="EfficientNet-Lite0 suite's folder, built with a synthetic bank if missing (default: %(default)s)")
     p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8])
@@ -242,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     suites = {}
     if not args.no_mnist:
         suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving,
-                                  args.shared_memory)
+                                  args.shared_memory, args.rounds)
     if not args.no_efficientnet:
         if not (args.efficientnet_out / "model.onnx").exists():
             from export.synthetic_bank import write_synthetic_out
@@ -250,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
             write_synthetic_out(args.efficientnet_out)
         suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
                                            args.efficientnet_concurrency, args.window, args.warmup, serving,
-                                           args.shared_memory)
+                                           args.shared_memory, args.rounds)
     target = args.out / "benchmark"
     target.mkdir(parents=True, exist_ok=True)
     (target / "benchmark.json").write_text(json.dumps(suites, indent=2))

@@ -52,6 +52,19 @@ class Bank:
         self.validate()
         # the scoring hot path needs this per call; a scan of F lengths costs ~100 us at F = 10^6
         object.__setattr__(self, "uniform_length", bool((self.lengths == self.indices.shape[1]).all()))
+        object.__setattr__(self, "counts", np.diff(self.class_offsets))  # (C,) int64 fingerprints per class
+
+    @property
+    def lrt_params(self) -> np.ndarray:
+        """``(F, 5) float32`` per fingerprint: clean mean, 1 / clean std, attacked mean, 1 / attacked std,
+        log(attacked std / clean std), so that the log-likelihood ratio of a value ``v`` is
+        ``0.5 * (((v - am) / as)^2 - ((v - cm) / cs)^2) + log(as / cs)``. One row per fingerprint: a
+        draw fetches its Gaussians with one gather (:func:`kernels.scoring.lrt_scores`). Built on first use."""
+        if "_lrt_params" not in self.__dict__:
+            cs, as_ = self.clean_std.astype(np.float64), self.attacked_std.astype(np.float64)
+            params = np.stack([self.clean_mean, 1 / cs, self.attacked_mean, 1 / as_, np.log(as_ / cs)], axis=1)
+            object.__setattr__(self, "_lrt_params", np.ascontiguousarray(params, np.float32))
+        return self.__dict__["_lrt_params"]
 
     @property
     def num_fingerprints(self) -> int:
@@ -64,11 +77,6 @@ class Bank:
     @property
     def num_neurons(self) -> int:
         return int(self.meta["num_neurons"])
-
-    @property
-    def counts(self) -> np.ndarray:
-        """``(C,) int64`` fingerprints per class."""
-        return np.diff(self.class_offsets)
 
     def class_slice(self, c: int) -> slice:
         return slice(int(self.class_offsets[c]), int(self.class_offsets[c + 1]))

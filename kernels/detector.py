@@ -120,7 +120,7 @@ class Detector:
         start = time.perf_counter()
         if self.gpu is None:
             batch = acts[0] if len(acts) == 1 else np.concatenate(acts)
-            scores = score(batch, labels, self.bank, self.m, self.rng, checked=True)
+            scores = score(batch, labels, self.bank, self.m, self.rng, checked=True, lrt_only=True)
         else:
             import cupy as cp
 

@@ -42,18 +42,21 @@ class Scores:
     Attributes:
         ids: ``(B, m) int64`` drawn fingerprint rows of the bank.
         values: ``(B, m) float32`` each drawn fingerprint's value (subset mean).
-        lrt, vote, anomaly: ``(B,) float64`` scores; low = attacked.
+        lrt, vote, anomaly: ``(B,) float64`` scores; low = attacked (vote and anomaly are None when
+            only the LRT was asked for).
     """
 
     ids: np.ndarray
     values: np.ndarray
     lrt: np.ndarray
-    vote: np.ndarray
-    anomaly: np.ndarray
+    vote: np.ndarray | None = None
+    anomaly: np.ndarray | None = None
 
     def get(self, method: str) -> np.ndarray:
         if method not in METHODS:
             raise InvalidInputError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
+        if getattr(self, method) is None:
+            raise InvalidInputError(f"the {method!r} score was not computed (scored with lrt_only)")
         return getattr(self, method)
 
 
@@ -67,6 +70,8 @@ def check_activations(acts: np.ndarray, num_neurons: int) -> np.ndarray:
         raise InvalidInputError(f"activations must have shape (B, {num_neurons}), got {acts.shape}")
     if acts.shape[0] == 0:
         raise InvalidInputError("empty batch: no activations to score")
+    if np.isfinite(acts).all():
+        return acts
     bad = ~np.isfinite(acts).all(axis=1)
     if bad.any():
         raise InvalidInputError(f"activations of rows {np.flatnonzero(bad)[:10].tolist()} hold NaN or infinite values")
@@ -161,8 +166,17 @@ def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.nd
     return lrt.mean(axis=1, dtype=np.float64), vote.astype(np.float64), clean_ll.mean(axis=1, dtype=np.float64) - HALF_LOG_2PI
 
 
+def lrt_scores(values: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
+    """The LRT score alone ``(B,)`` of fingerprint values ``(B, m)``: the serving path, with one gather of
+    each drawn fingerprint's packed Gaussians (:attr:`kernels.bank.Bank.lrt_params`)."""
+    p = bank.lrt_params[ids]  # (B, m, 5)
+    zc = (values - p[..., 0]) * p[..., 1]
+    za = (values - p[..., 2]) * p[..., 3]
+    return (0.5 * (za * za - zc * zc) + p[..., 4]).mean(axis=1, dtype=np.float64)
+
+
 def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,
-          ids: np.ndarray | None = None, checked: bool = False) -> Scores:
+          ids: np.ndarray | None = None, checked: bool = False, lrt_only: bool = False) -> Scores:
     """Draw ``m`` fingerprints per input from its class's bank and score it.
 
     Args:
@@ -172,15 +186,19 @@ def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.rand
         m: fingerprints drawn per input.
         rng: generator of the draws; default :func:`secure_rng` (fresh OS entropy).
         ids: ``(B, m)`` draws to use instead of drawing (replaying a server's draws in tests).
-        checked: the caller already ran :func:`check_activations` on ``acts`` (the server checks each
-            request on its own, to answer a bad one with its own error).
+        checked: the caller already validated ``acts`` and ``labels`` as :func:`check_activations` and
+            :func:`check_labels` do (the server checks each request on its own, to answer a bad one
+            with its own error).
+        lrt_only: compute the likelihood-ratio score only (what the server flags on).
     """
     if not checked:
         check_activations(acts, bank.num_neurons)
-    labels = check_labels(labels, len(acts), bank, m if ids is None else 1)
+        labels = check_labels(labels, len(acts), bank, m if ids is None else 1)
     if ids is None:
         ids = draw_fingerprints(labels, bank, m, rng or secure_rng())
     else:
         ids = check_ids(ids, labels, bank)
     values = subset_means(acts, ids, bank)
+    if lrt_only:
+        return Scores(ids, values, lrt_scores(values, ids, bank))
     return Scores(ids, values, *score_values(values, ids, bank))

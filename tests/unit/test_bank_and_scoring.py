@@ -8,7 +8,7 @@ from export.fingerprint_search import SearchConfig, search_fingerprints
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
 from kernels.errors import InvalidInputError, ModelMismatchError
-from kernels.scoring import score, secure_rng, subset_means
+from kernels.scoring import draw_fingerprints, score, secure_rng, subset_means
 
 D = 120
 
@@ -77,6 +77,16 @@ def test_subset_means_match_a_per_fingerprint_loop(bank, batch, m):
     ids = np.random.default_rng(4).integers(0, bank.num_fingerprints, size=(batch, m))
     expected = [[acts[b, bank.indices[f, : bank.lengths[f]]].mean() for f in row] for b, row in enumerate(ids)]
     np.testing.assert_allclose(subset_means(acts, ids, bank), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_serving_lrt_path_equals_the_full_scoring(bank):
+    acts, labels = make_rows(64, 5, True)
+    ids = draw_fingerprints(labels, bank, 32, np.random.default_rng(6))
+    full = score(acts, labels, bank, 32, ids=ids)
+    fast = score(acts, labels, bank, 32, ids=ids, lrt_only=True)
+    np.testing.assert_allclose(fast.lrt, full.lrt, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="'vote' score was not computed"):
+        fast.get("vote")
 
 
 def test_attacked_rows_score_below_the_calibrated_threshold(bank):
