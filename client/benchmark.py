@@ -10,7 +10,7 @@ in ``--efficientnet-out``) — starts a real Triton server on its repository, th
 alone, ``guarded_classifier`` = classifier + fingerprint detector), batch size and concurrency
 (requests kept in flight by a closed loop), measures after a warm-up over a fixed time window:
 throughput (images/s), latency p50 / p90 / p99 and errors. Three models are served by one server:
-``classifier`` alone, ``guarded_classifier`` (the ensemble: classifier, then fingerprint detector) and
+``classifier`` alone (asked for its logits only, as the classifier a user already serves), ``guarded_classifier`` (the ensemble: classifier, then fingerprint detector) and
 ``guarded_classifier_fused`` (both in one Python step; ``--no-fused`` leaves it out). They are measured
 in the same process, points interleaved, so the ratios compare like with like on a noisy machine. The
 detectors' own compute comes from their ``nfp_kernel_microseconds_total`` metric, so the report splits
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 BASELINE, ENSEMBLE, FUSED = "classifier", "guarded_classifier", "guarded_classifier_fused"
 DETECTING = {ENSEMBLE: "fingerprint_detector", FUSED: FUSED}  # model measured -> model whose kernel time it spends
+# the baseline is the classifier a user already serves: it answers with logits, not with activations
+REQUESTED = {BASELINE: ["logits"]}
 
 
 def kernel_microseconds(metrics_url: str, model: str) -> float:
@@ -82,13 +84,14 @@ def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
+    outputs = [grpcclient.InferRequestedOutput(name) for name in REQUESTED[model]] if model in REQUESTED else None
     with image_input(client, images, shared_memory) as tensor:
-        result = closed_loop(client, model, tensor, concurrency, window_s, warmup_s)
+        result = closed_loop(client, model, tensor, outputs, concurrency, window_s, warmup_s)
     client.close()
     return result
 
 
-def closed_loop(client, model: str, tensor, concurrency: int, window_s: float, warmup_s: float
+def closed_loop(client, model: str, tensor, outputs, concurrency: int, window_s: float, warmup_s: float
                 ) -> tuple[list[float], int]:
     slots, lock = threading.Semaphore(concurrency), threading.Lock()
     latencies: list[float] = []
@@ -110,7 +113,7 @@ def closed_loop(client, model: str, tensor, concurrency: int, window_s: float, w
         if not slots.acquire(timeout=0.1):
             continue
         sent = time.perf_counter()
-        client.async_infer(model, [tensor], functools.partial(callback, sent))  # called as (result=, error=)
+        client.async_infer(model, [tensor], functools.partial(callback, sent), outputs=outputs)  # (result=, error=)
     for _ in range(concurrency):  # wait for the last requests in flight
         slots.acquire(timeout=60)
     return latencies, errors[0]

@@ -50,6 +50,14 @@ def pytriton_root() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when the thread that started it dies, so a
+    killed benchmark or test run leaves no server behind (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``repository`` on 127.0.0.1.
 
@@ -110,7 +118,7 @@ class TritonServer:
                "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
         self.process = subprocess.Popen(cmd, env=self._environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, start_new_session=True)
+                                        text=True, start_new_session=True, preexec_fn=_die_with_parent)
         threading.Thread(target=self._pump, daemon=True).start()
         self._wait_ready()
         return self

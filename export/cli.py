@@ -120,11 +120,18 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=0, help="0 = a free port (default)")
     p.add_argument("--metrics-port", type=int, default=0, help="0 = a free port (default)")
     p.add_argument("--write-only", action="store_true", help="write <out>/repository/<profile> and exit")
+    p.add_argument("--fused", action="store_true",
+                   help="also serve guarded_classifier_fused: classifier and detector in one Python step, same "
+                        "inputs and outputs as the ensemble, less added latency (cpu profile)")
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="calibrated false-positive rate that decides is_attacked (default: %(default)s)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", type=Path, help="image files (resized to the served shape) or .npz files")
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default: %(default)s)")
+    p.add_argument("--model", default="guarded_classifier",
+                   help="guarded_classifier (the ensemble) or guarded_classifier_fused (default: %(default)s)")
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
@@ -228,7 +235,7 @@ def run(args: argparse.Namespace) -> None:
     if cmd == "predict":
         from client.predict import predict
 
-        print(predict(args.url, args.inputs))
+        print(predict(args.url, args.inputs, args.model))
         return
     served = None
     if cmd in ("demo", "pipeline"):
@@ -251,9 +258,10 @@ def serve(ws, args: argparse.Namespace) -> None:
     import time
 
     from client.server import TritonServer
-    from export.repository import write_repository
+    from export.repository import ServingConfig, write_repository
 
-    repo = write_repository(ws.root, ws.root / "repository" / args.profile, args.profile)
+    cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused)
+    repo = write_repository(ws.root, ws.root / "repository" / args.profile, args.profile, cfg)
     print(f"model repository: {repo}", file=sys.stderr)
     if args.write_only:
         return
@@ -261,8 +269,8 @@ def serve(ws, args: argparse.Namespace) -> None:
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=True)
     try:
         server.start()
-        print(f"serving 'guarded_classifier': gRPC {server.grpc_url}, metrics {server.metrics_url}; Ctrl-C stops",
-              file=sys.stderr)
+        models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")
+        print(f"serving {models}: gRPC {server.grpc_url}, metrics {server.metrics_url}; Ctrl-C stops", file=sys.stderr)
         while server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:

@@ -187,3 +187,66 @@ def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, t
     Bank.load(out / "bank").with_meta(model_sha256="0" * 64).save(out / "bank")
     with pytest.raises(ModelMismatchError, match="attack the served model"):
         pipeline.whitebox(Workspace(out), url=server.grpc_url)
+
+
+def test_the_classifier_returns_only_the_outputs_asked_for(server, mnist_subset):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    tensor = grpcclient.InferInput("images", [2, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(mnist_subset[0][:2])
+    logits_only = client.infer("classifier", [tensor], outputs=[grpcclient.InferRequestedOutput("logits")])
+    everything = client.infer("classifier", [tensor])
+    client.close()
+    assert logits_only.as_numpy("activations") is None and logits_only.as_numpy("logits").shape == (2, 10)
+    np.testing.assert_array_equal(everything.as_numpy("logits"), logits_only.as_numpy("logits"))
+    assert everything.as_numpy("activations").shape[0] == 2
+
+
+def test_benchmark_measures_every_model_side_by_side(tiny_run, tmp_path):
+    import shutil
+
+    from client import benchmark
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    report = benchmark.run(out, [1, 4], [1, 2], window_s=0.4, warmup_s=0.1, rounds=2)
+    models = ("classifier", "guarded_classifier", "guarded_classifier_fused")
+    assert [(p["model"], p["batch"], p["concurrency"]) for p in report["points"]] == [
+        (m, b, c) for b in (1, 4) for c in (1, 2) for m in models]
+    for p in report["points"]:
+        assert p["requests"] > 0 and p["errors"] == 0 and p["p50_ms"] <= p["p99_ms"]
+        assert (p["kernel_us_per_request"] is None) == (p["model"] == "classifier")
+    assert set(report["ratios"]) == {"guarded_classifier", "guarded_classifier_fused"}
+    markdown = benchmark.markdown({"tiny": report})
+    assert "| guarded_classifier_fused | 4 | 2 |" in markdown
+    benchmark.plot({"tiny": report}, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 5_000
+
+
+def test_a_server_does_not_outlive_the_process_that_started_it(tiny_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = write_repository(tiny_run[0], tmp_path / "repo", "cpu")
+    script = ("import sys, time; from client.server import TritonServer; "
+              f"s = TritonServer({str(repo)!r}).start(); print(s.process.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)  # no chance to clean up
+    parent.wait()
+
+    def alive():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 15
+    while alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not alive()

@@ -3,7 +3,8 @@
 Inputs ``images (C, H, W) float32`` in [0, 1]; outputs ``logits (num_classes,)`` and
 ``activations (D,)``, the fingerprinted layers laid out as the bank expects, from one forward pass.
 All requests of one ``execute`` call run as one batch; a request with bad values (NaN, infinite, out
-of [0, 1]) gets its own error response and the others are answered normally.
+of [0, 1]) gets its own error response and the others are answered normally. Only the outputs some
+request asks for are fetched and returned: a client that wants the logits alone gets no activations.
 In the gpu profile the same ONNX file runs on Triton's native onnxruntime backend instead.
 """
 import json
@@ -13,6 +14,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.onnx_runtime import image_problem, ort_session
+
+OUTPUTS = ("logits", "activations")
 
 
 class TritonPythonModel:
@@ -32,13 +35,13 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
             else:
                 batch.append(images)
-                owners.append((i, len(images)))
+                owners.append((i, len(images), request.requested_output_names()))
         if batch:
-            logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(batch)})
+            names = [n for n in OUTPUTS if any(n in wanted for *_, wanted in owners)]
+            outputs = dict(zip(names, self.session.run(names, {"images": np.concatenate(batch)})))
             start = 0
-            for i, n in owners:
+            for i, n, wanted in owners:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("logits", logits[start : start + n]),
-                    pb_utils.Tensor("activations", acts[start : start + n])])
+                    pb_utils.Tensor(name, outputs[name][start : start + n]) for name in names if name in wanted])
                 start += n
         return responses
