@@ -93,6 +93,8 @@ def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s
 
 def closed_loop(client, model: str, tensor, outputs, concurrency: int, window_s: float, warmup_s: float
                 ) -> tuple[list[float], int]:
+    """Keep ``concurrency`` requests in flight; count those sent inside the window after the warm-up
+    (waiting for the last of them), so that requests longer than the window are measured too."""
     slots, lock = threading.Semaphore(concurrency), threading.Lock()
     latencies: list[float] = []
     errors = [0]
@@ -101,7 +103,7 @@ def closed_loop(client, model: str, tensor, outputs, concurrency: int, window_s:
 
     def callback(sent: float, result, error) -> None:  # runs on the client's thread: record, free a slot
         now = time.perf_counter()
-        if measure_from <= sent and now <= stop_at:
+        if measure_from <= sent < stop_at:
             with lock:
                 if error is None:
                     latencies.append(now - sent)
@@ -163,9 +165,13 @@ def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
                     point["kernel_us_per_request"] = kernel_us[model] / calls if model in DETECTING and calls else None
                     points.append(point)
                     print(f"{model:>24} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
-                          f"p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms  errors {point['errors']}")
+                          f"p50 {ms(point['p50_ms'])} ms  p99 {ms(point['p99_ms'])} ms  errors {point['errors']}")
     return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "rounds": rounds,
             "serving": asdict(serving), "shared_memory": shared_memory, "ratios": ratios(points)}
+
+
+def ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def ratios(points: list[dict]) -> dict[str, dict[str, Any]]:
@@ -199,7 +205,7 @@ def markdown(suites: dict[str, dict[str, Any]]) -> str:
         for p in report["points"]:
             k = f"{p['kernel_us_per_request'] / 1e3:.3f}" if p["kernel_us_per_request"] is not None else ""
             lines.append(f"| {p['model']} | {p['batch']} | {p['concurrency']} | {p['images_per_s']:,.0f} "
-                         f"| {p['p50_ms']:.2f} | {p['p90_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} | {k} |")
+                         f"| {ms(p['p50_ms'])} | {ms(p['p90_ms'])} | {ms(p['p99_ms'])} | {p['errors']} | {k} |")
         lines.append("")
         for model, r in report["ratios"].items():
             lines.append(f"- `{model}` vs `classifier` alone, batch {r['batch']}, concurrency {r['concurrency']}: "
@@ -219,18 +225,21 @@ def plot(suites: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4.5), squeeze=False)
     for ax, (name, report) in zip(axes[0], suites.items()):
-        styles = {BASELINE: "--", ENSEMBLE: "-", FUSED: ":"}
+        styles = {BASELINE: ("tab:blue", "--"), ENSEMBLE: ("tab:red", "-"), FUSED: ("tab:green", ":")}
+        batches = sorted({p["batch"] for p in report["points"]})
         for model in dict.fromkeys(p["model"] for p in report["points"]):
-            for batch in sorted({p["batch"] for p in report["points"]}):
-                pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch]
-                ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker="o",
-                        ls=styles[model], label=f"{model}, batch {batch}")
+            for batch, marker in zip(batches, "os^Dv"):
+                pts = [p for p in report["points"] if p["model"] == model and p["batch"] == batch
+                       and p["p50_ms"] is not None]
+                color, ls = styles[model]
+                ax.plot([p["images_per_s"] for p in pts], [p["p50_ms"] for p in pts], marker=marker, color=color,
+                        ls=ls, label=f"{model}, batch {batch}")
         ax.set_xlabel("throughput (images/s)")
         ax.set_ylabel("p50 latency (ms)")
         ax.set_yscale("log")
         ax.set_xscale("log")
         ax.legend(fontsize=7)
-        ax.set_title(f"{name}: gRPC latency vs throughput, concurrency sweep", fontsize=9)
+        ax.set_title(f"{name}: gRPC, concurrency sweep (color: model, marker: batch)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -248,8 +257,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="slices of each point's window, models taking turns in rotated order (default: %(default)s)")
     p.add_argument("--efficientnet-out", type=Path, default=Path("runs/efficientnet-lite0"),
                    help="EfficientNet-Lite0 suite's folder, built with a synthetic bank if missing (default: %(default)s)")
-    p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--efficientnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--efficientnet-window", type=float, default=6.0,
+                   help="its measured seconds per point; a batch of 32 takes ~0.25 s here (default: %(default)s)")
     p.add_argument("--no-efficientnet", action="store_true", help="only the MNIST suite")
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
@@ -264,26 +275,32 @@ def main(argv: list[str] | None = None) -> None:
     serving = ServingConfig(queue_delay_us=args.queue_delay_us, instances=args.instances, fused=not args.no_fused)
     if args.quick:
         args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
-        args.efficientnet_batches, args.efficientnet_concurrency = [1], [1, 8]
-    suites = {}
+        args.efficientnet_batches, args.efficientnet_concurrency, args.efficientnet_window = [1], [1, 8], 3.0
+    suites: dict[str, dict[str, Any]] = {}
+    target = args.out / "benchmark"
     if not args.no_mnist:
         suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving,
                                   args.shared_memory, args.rounds)
+        save(suites, target)
     if not args.no_efficientnet:
         if not (args.efficientnet_out / "model.onnx").exists():
             from export.synthetic_bank import write_synthetic_out
 
             write_synthetic_out(args.efficientnet_out)
         suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
-                                           args.efficientnet_concurrency, args.window, args.warmup, serving,
-                                           args.shared_memory, args.rounds)
-    target = args.out / "benchmark"
+                                           args.efficientnet_concurrency, args.efficientnet_window, args.warmup,
+                                           serving, args.shared_memory, args.rounds)
+        save(suites, target)
+    print("\n" + markdown(suites))
+    print(f"written to {target}/")
+
+
+def save(suites: dict[str, dict[str, Any]], target: Path) -> None:
+    """JSON, Markdown and the plot of the suites measured so far."""
     target.mkdir(parents=True, exist_ok=True)
     (target / "benchmark.json").write_text(json.dumps(suites, indent=2))
     (target / "benchmark.md").write_text(markdown(suites))
     plot(suites, target / "latency_throughput.png")
-    print("\n" + markdown(suites))
-    print(f"written to {target}/")
 
 
 if __name__ == "__main__":

@@ -360,7 +360,8 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
              bank_sizes: Sequence[int] | None = None, adaptive_eps: Sequence[float] = (), adaptive_count: int = 100,
              adaptive_weight: float = 1.0, url: str | None = None, model: str = "guarded_classifier"
              ) -> dict[str, Any]:
-    """The white-box experiment of :mod:`export.whitebox`; writes ``report/whitebox.{json,md,png}``.
+    """The white-box experiment of :mod:`export.whitebox`; writes ``report/whitebox.{json,md,png}``
+    (``report/whitebox_served.*`` against a running server).
 
     Filter strategy against every evaluation attack, and with ``adaptive_eps`` the detector-aware PGD,
     for each bank size of ``bank_sizes`` (each class's strongest fingerprints; default: the whole bank)
@@ -432,10 +433,11 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
         client.close()
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
-    (out / "whitebox.md").write_text("# White-box attacker: filter strategy (attacked images that pass a local "
-                                     "detector, sent to a randomized server)\n\n" + table)
-    plot_evasion(results, out / "whitebox.png")
-    files = [ws.write_json(out / "whitebox.json", results), out / "whitebox.md", out / "whitebox.png"]
+    name = "whitebox_served" if url else "whitebox"  # the served run keeps the offline report
+    (out / f"{name}.md").write_text("# White-box attacker: filter strategy (attacked images that pass a local "
+                                    "detector, sent to a randomized server)\n\n" + table)
+    plot_evasion(results, out / f"{name}.png")
+    files = [ws.write_json(out / f"{name}.json", results), out / f"{name}.md", out / f"{name}.png"]
     ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "bank_sizes": list(bank_sizes or []),
                            "adaptive_eps": list(adaptive_eps), "adaptive_count": adaptive_count,
                            "adaptive_weight": adaptive_weight, "url": url, "model": model}, files, started)

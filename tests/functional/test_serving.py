@@ -166,7 +166,8 @@ def test_whitebox_command_sends_what_passed_locally_to_the_running_server(tiny_r
     shutil.copytree(tiny_run[0], out)
     assert main(["whitebox", "--out", str(out), "--url", server.grpc_url, "--model", model]) == 0
     assert f"the Triton server at {server.grpc_url} ({model})" in capsys.readouterr().out
-    result = json.loads((out / "report" / "whitebox.json").read_text())
+    assert not (out / "report" / "whitebox.json").exists()
+    result = json.loads((out / "report" / "whitebox_served.json").read_text())
     assert result["server"]["label_mismatches"] == 0 and result["fpr"] == 0.01
     m = Calibration.from_json(Bank.load(out / "bank").meta["calibration"]["lrt"]).m
     assert result["filter"] and {r["m"] for r in result["filter"]} == {m}
