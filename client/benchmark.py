@@ -44,16 +44,18 @@ DETECTING = {ENSEMBLE: "fingerprint_detector", FUSED: FUSED}  # model measured -
 REQUESTED = {BASELINE: ["logits"]}
 
 
-def kernel_microseconds(metrics_url: str, model: str) -> float:
-    """Total of ``model``'s ``nfp_kernel_microseconds_total`` counter."""
+def detector_counters(metrics_url: str, model: str) -> np.ndarray:
+    """``[kernel microseconds, inputs scored]`` so far, from ``model``'s Prometheus counters."""
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    prefix = f'nfp_kernel_microseconds_total{{model="{model}"'
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+    return np.array([sum(float(line.split()[-1]) for line in text.splitlines()
+                         if line.startswith(f'{name}{{model="{model}"'))
+                     for name in ("nfp_kernel_microseconds_total", "nfp_inputs_total")])
 
 
 @contextlib.contextmanager
-def image_input(client, images: np.ndarray, shared_memory: bool):
-    """The ``images`` input tensor, its bytes in the request or in a system shared-memory region."""
+def image_input(url: str, images: np.ndarray, shared_memory: bool):
+    """The ``images`` input tensor, its bytes in each request or, registered once with the server at
+    ``url``, in a system shared-memory region that every request points to."""
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
@@ -65,6 +67,7 @@ def image_input(client, images: np.ndarray, shared_memory: bool):
 
     name = f"nfp_bench_{os.getpid()}_{images.shape[0]}"
     region = shm.create_shared_memory_region(name, "/" + name, images.nbytes)
+    client = grpcclient.InferenceServerClient(url)
     try:
         shm.set_shared_memory_region(region, [np.ascontiguousarray(images)])
         client.register_system_shared_memory(name, "/" + name, images.nbytes)
@@ -72,21 +75,21 @@ def image_input(client, images: np.ndarray, shared_memory: bool):
         yield tensor
     finally:
         client.unregister_system_shared_memory(name)
+        client.close()
         shm.destroy_shared_memory_region(region)
 
 
-def measure(url: str, model: str, images: np.ndarray, concurrency: int, window_s: float, warmup_s: float,
-            shared_memory: bool = False) -> tuple[list[float], int]:
-    """Closed loop: ``concurrency`` requests of ``images`` in flight for ``warmup_s + window_s``.
+def measure(url: str, model: str, tensor, concurrency: int, window_s: float, warmup_s: float
+            ) -> tuple[list[float], int]:
+    """Closed loop: ``concurrency`` requests with input ``tensor`` in flight for ``warmup_s + window_s``.
 
-    Returns the latencies (seconds) of the requests sent and answered inside the window, and the
-    number of errors among them."""
+    Returns the latencies (seconds) of the requests sent inside the window, and the number of errors
+    among them."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     outputs = [grpcclient.InferRequestedOutput(name) for name in REQUESTED[model]] if model in REQUESTED else None
-    with image_input(client, images, shared_memory) as tensor:
-        result = closed_loop(client, model, tensor, outputs, concurrency, window_s, warmup_s)
+    result = closed_loop(client, model, tensor, outputs, concurrency, window_s, warmup_s)
     client.close()
     return result
 
@@ -146,28 +149,36 @@ def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
     points = []
     with TritonServer(repo) as server:
         for batch in batches:
-            images = rng.random((batch, *shape), dtype=np.float32)
-            for conc in concurrencies:
-                latencies = {m: [] for m in models}
-                errors, kernel_us = dict.fromkeys(models, 0), dict.fromkeys(models, 0.0)
-                for r in range(rounds):
-                    for model in models[r % len(models):] + models[: r % len(models)]:
-                        detector = DETECTING.get(model)
-                        k0 = kernel_microseconds(server.metrics_url, detector) if detector else 0.0
-                        lat, err = measure(server.grpc_url, model, images, conc, window_s / rounds, warmup_s,
-                                           shared_memory)
-                        latencies[model] += lat
-                        errors[model] += err
-                        kernel_us[model] += kernel_microseconds(server.metrics_url, detector) - k0 if detector else 0.0
-                for model in models:
-                    point = summarize(model, batch, conc, latencies[model], errors[model], window_s)
-                    calls = point["requests"] + point["errors"]
-                    point["kernel_us_per_request"] = kernel_us[model] / calls if model in DETECTING and calls else None
-                    points.append(point)
-                    print(f"{model:>24} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
-                          f"p50 {ms(point['p50_ms'])} ms  p99 {ms(point['p99_ms'])} ms  errors {point['errors']}")
+            with image_input(server.grpc_url, rng.random((batch, *shape), dtype=np.float32), shared_memory) as tensor:
+                points += measure_batch(server, models, tensor, batch, concurrencies, window_s, warmup_s, rounds)
     return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "rounds": rounds,
             "serving": asdict(serving), "shared_memory": shared_memory, "ratios": ratios(points)}
+
+
+def measure_batch(server: TritonServer, models, tensor, batch: int, concurrencies, window_s: float, warmup_s: float,
+                  rounds: int) -> list[dict[str, Any]]:
+    points = []
+    for conc in concurrencies:
+        latencies: dict[str, list[float]] = {m: [] for m in models}
+        errors = dict.fromkeys(models, 0)
+        counters = {m: np.zeros(2) for m in models}  # detector kernel microseconds, inputs, warm-ups included
+        for r in range(rounds):
+            for model in models[r % len(models):] + models[: r % len(models)]:
+                detector = DETECTING.get(model)
+                before = detector_counters(server.metrics_url, detector) if detector else 0
+                lat, err = measure(server.grpc_url, model, tensor, conc, window_s / rounds, warmup_s)
+                latencies[model] += lat
+                errors[model] += err
+                if detector:
+                    counters[model] += detector_counters(server.metrics_url, detector) - before
+        for model in models:
+            point = summarize(model, batch, conc, latencies[model], errors[model], window_s)
+            kernel_us, inputs = counters[model]
+            point["kernel_us_per_request"] = kernel_us / (inputs / batch) if model in DETECTING and inputs else None
+            points.append(point)
+            print(f"{model:>24} batch {batch:>3} conc {conc:>3}: {point['images_per_s']:>9,.0f} img/s  "
+                  f"p50 {ms(point['p50_ms'])} ms  p99 {ms(point['p99_ms'])} ms  errors {point['errors']}")
+    return points
 
 
 def ms(value: float | None) -> str:

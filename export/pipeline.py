@@ -370,7 +370,7 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
     the images are sent to its ``model`` over gRPC and its verdicts count, at its own bank, ``m`` and
     false-positive rate (read from its configuration).
     """
-    from export.whitebox import RemoteServer, filter_experiment, plot_evasion
+    from export.whitebox import RemoteServer, filter_experiment, plot_evasion, pooled
 
     started = time.time()
     full = Bank.load(bank_dir(ws))
@@ -416,14 +416,19 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
                                       meta["predicted"][ok], fpr, seed, remote)
                 mismatches += remote.label_mismatches if remote else 0
                 results["filter"].append({"bank_size": size, "m": m, "attack": label, **r})
-                for name in ("static", "random"):
-                    e = r[name]
-                    rate = ("" if e["evasion_rate"] is None else
-                            f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})")
-                    lines.append(f"| {size} | {m} | {label} | {r['attacked']} | {name} | {e['passed_local']} "
-                                 f"| {e['flagged_by_server']} | {rate} |")
+                for local in ("static", "random"):
+                    e = r[local]
+                    lines.append(f"| {size} | {m} | {label} | {r['attacked']} | {local} | {e['passed_local']} "
+                                 f"| {e['flagged_by_server']} | {_evasion_cell(e)} |")
+    results["filter_pooled"] = pooled(results["filter"])
+    summary_lines = ["| bank size | m | local detector | attacked | passed locally | still flagged by the server "
+                     "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|"]
+    for p in results["filter_pooled"]:
+        summary_lines.append(f"| {p['bank_size']} | {p['m']} | {p['local']} | {p['attacked']} | {p['passed_local']} "
+                             f"| {p['flagged_by_server']} | {_evasion_cell(p)} |")
     where = f"the Triton server at {url} ({model})" if url else "the server, replayed offline"
-    table = (f"Server: {where}; thresholds for {fpr:.0%} FPR.\n\n" + "\n".join(lines) + "\n")
+    table = (f"Server: {where}; thresholds for {fpr:.0%} FPR.\n\nAll evaluation attacks pooled:\n\n"
+             + "\n".join(summary_lines) + "\n\nPer attack:\n\n" + "\n".join(lines) + "\n")
     if adaptive_eps:
         results["adaptive"], adaptive_table = adaptive(ws, banks, fpr, seed, m_values, adaptive_eps, adaptive_count,
                                                        adaptive_weight, client)
@@ -438,11 +443,17 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
                                     "detector, sent to a randomized server)\n\n" + table)
     plot_evasion(results, out / f"{name}.png")
     files = [ws.write_json(out / f"{name}.json", results), out / f"{name}.md", out / f"{name}.png"]
-    ws.record("whitebox", {"fpr": fpr, "seed": seed, "m_values": m_values, "bank_sizes": list(bank_sizes or []),
-                           "adaptive_eps": list(adaptive_eps), "adaptive_count": adaptive_count,
-                           "adaptive_weight": adaptive_weight, "url": url, "model": model}, files, started)
+    ws.record(name, {"fpr": fpr, "seed": seed, "m_values": m_values, "bank_sizes": list(bank_sizes or []),
+                     "adaptive_eps": list(adaptive_eps), "adaptive_count": adaptive_count,
+                     "adaptive_weight": adaptive_weight, "url": url, "model": model}, files, started)
     results["table"] = table
     return results
+
+
+def _evasion_cell(e: dict[str, Any]) -> str:
+    if e["evasion_rate"] is None:
+        return ""
+    return f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})"
 
 
 def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_values: Sequence[int],

@@ -132,36 +132,61 @@ def adaptive_experiment(bank: Bank, servers: dict[str, Server], static_cal: Cali
     return out
 
 
+def pooled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Filter-strategy rows pooled over attacks, per (bank size, m, local detector): of all attacked
+    images that passed the local detector, how many the server still flagged."""
+    out: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        for local in ("static", "random"):
+            key = (r["bank_size"], r["m"], local)
+            p = out.setdefault(key, {"bank_size": key[0], "m": key[1], "local": local, "attacked": 0, "passed_local": 0,
+                                     "flagged_by_server": 0, "evaded_server": 0})
+            p["attacked"] += r["attacked"]
+            for field in ("passed_local", "flagged_by_server", "evaded_server"):
+                p[field] += r[local][field]
+    for p in out.values():
+        n = p["passed_local"]
+        p["evasion_rate"] = p["evaded_server"] / n if n else None
+        p["evasion_ci95"] = wilson(p["evaded_server"], n)
+    return list(out.values())
+
+
 def plot_evasion(results: dict[str, Any], path) -> None:
-    """Evasion rates with 95% intervals: filter strategy per attack and m, and the detector-aware attack."""
+    """Evasion rate vs bank size with 95% intervals: the filter strategy pooled over attacks (left), the
+    detector-aware PGD (right); one line per server setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []  # (label, rate, lo, hi)
-    for r in results["filter"]:
-        for name in ("static", "random"):
-            e = r[name]
-            if e["evasion_rate"] is not None:
-                rows.append((f"filter {name}, bank {r['bank_size']}, m={r['m']}: {r['attack']}", e["evasion_rate"],
-                             *e["evasion_ci95"]))
-    for r in results.get("adaptive", []):
-        for key, e in r.items():
-            if isinstance(e, dict):
-                rows.append((f"aware eps {r['eps']:g} w {r['weight']:g}, bank {r['bank_size']}: vs {key}",
-                             e["evasion_rate"], *e["evasion_ci95"]))
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(7, 0.22 * len(rows) + 1))
-    y = np.arange(len(rows))
-    rates = np.array([r[1] for r in rows])
-    err = np.clip(np.array([[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]]), 0, None)  # rounding
-    ax.barh(y, rates, xerr=err, color=["tab:orange" if r[0].startswith("aware") else "tab:blue" for r in rows])
-    ax.set_yticks(y, [r[0] for r in rows], fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("evasion rate, 95% CI (blue: filter strategy; orange: detector-aware PGD)")
+    panels = [("filter strategy: images that passed a local detector,\nfraction the server lets through", {})]
+    for p in results["filter_pooled"]:
+        if p["evasion_rate"] is not None:
+            label = f"local {p['local']}, server m={p['m']}"
+            panels[0][1].setdefault(label, []).append((p["bank_size"], p["evasion_rate"], *p["evasion_ci95"]))
+    if results.get("adaptive"):
+        panels.append(("detector-aware PGD: misclassified and not flagged", {}))
+        for r in results["adaptive"]:
+            for key, e in r.items():
+                if isinstance(e, dict):
+                    label = f"eps {r['eps']:g}, {'aware' if r['weight'] else 'plain PGD'}, vs {key}"
+                    panels[1][1].setdefault(label, []).append((r["bank_size"], e["evasion_rate"], *e["evasion_ci95"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    axes[0][0].axhline(0.05, color="gray", lw=0.8, ls="--", label="goal: at most 5% get through")
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, pts in lines.items():
+            x, y, lo, hi = (np.array(v, float) for v in zip(*sorted(pts)))
+            ax.errorbar(x, y, yerr=np.clip([y - lo, hi - y], 0, None), marker="o", capsize=3, label=label,
+                        ls=":" if "plain" in label else "-")
+        sizes = sorted({x for pts in lines.values() for x, *_ in pts})
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("fingerprints per class in the bank")
+        ax.set_ylabel("evasion rate (95% CI)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

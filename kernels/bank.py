@@ -56,13 +56,13 @@ class Bank:
 
     @property
     def lrt_params(self) -> np.ndarray:
-        """``(F, 5) float32`` per fingerprint: clean mean, 1 / clean std, attacked mean, 1 / attacked std,
-        log(attacked std / clean std), so that the log-likelihood ratio of a value ``v`` is
-        ``0.5 * (((v - am) / as)^2 - ((v - cm) / cs)^2) + log(as / cs)``. One row per fingerprint: a
-        draw fetches its Gaussians with one gather (:func:`kernels.scoring.lrt_scores`). Built on first use."""
+        """``(5, F) float32`` rows: clean mean, 1 / clean std, attacked mean, 1 / attacked std and
+        log(attacked std / clean std) of each fingerprint, so that the log-likelihood ratio of a value
+        ``v`` is ``0.5 * (((v - am) / as)^2 - ((v - cm) / cs)^2) + log(as / cs)``; a draw fetches all
+        five with one ``take`` (:func:`kernels.scoring.lrt_scores`). Built on first use."""
         if "_lrt_params" not in self.__dict__:
             cs, as_ = self.clean_std.astype(np.float64), self.attacked_std.astype(np.float64)
-            params = np.stack([self.clean_mean, 1 / cs, self.attacked_mean, 1 / as_, np.log(as_ / cs)], axis=1)
+            params = np.stack([self.clean_mean, 1 / cs, self.attacked_mean, 1 / as_, np.log(as_ / cs)])
             object.__setattr__(self, "_lrt_params", np.ascontiguousarray(params, np.float32))
         return self.__dict__["_lrt_params"]
 

@@ -167,12 +167,12 @@ def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.nd
 
 
 def lrt_scores(values: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
-    """The LRT score alone ``(B,)`` of fingerprint values ``(B, m)``: the serving path, with one gather of
-    each drawn fingerprint's packed Gaussians (:attr:`kernels.bank.Bank.lrt_params`)."""
-    p = bank.lrt_params[ids]  # (B, m, 5)
-    zc = (values - p[..., 0]) * p[..., 1]
-    za = (values - p[..., 2]) * p[..., 3]
-    return (0.5 * (za * za - zc * zc) + p[..., 4]).mean(axis=1, dtype=np.float64)
+    """The LRT score alone ``(B,)`` of fingerprint values ``(B, m)``: the serving path, one gather of the
+    drawn fingerprints' packed Gaussians (:attr:`kernels.bank.Bank.lrt_params`)."""
+    cm, inv_cs, am, inv_as, log_ratio = bank.lrt_params.take(ids, axis=1)  # five (B, m) arrays
+    zc = (values - cm) * inv_cs
+    za = (values - am) * inv_as
+    return (0.5 * (za * za - zc * zc) + log_ratio).mean(axis=1, dtype=np.float64)
 
 
 def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,

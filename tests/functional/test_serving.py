@@ -223,6 +223,9 @@ def test_benchmark_measures_every_model_side_by_side(tiny_run, tmp_path):
     assert "| guarded_classifier_fused | 4 | 2 |" in markdown
     benchmark.plot({"tiny": report}, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 5_000
+    shm = benchmark.run(out, [2], [1], window_s=0.2, warmup_s=0.1, rounds=1, shared_memory=True)
+    assert all(p["requests"] > 0 and p["errors"] == 0 for p in shm["points"])
+    assert not list(Path("/dev/shm").glob("nfp_bench_*")), "the input region is removed afterwards"
 
 
 def test_a_server_does_not_outlive_the_process_that_started_it(tiny_run, tmp_path):
