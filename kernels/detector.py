@@ -91,32 +91,29 @@ class Detector:
 
             self.gpu = GpuScorer(self.bank)
 
-    def problem(self, logits: np.ndarray, acts) -> str | None:
-        """Why one request's ``logits (B, C)`` and ``acts (B, D)`` cannot be checked, or None."""
-        try:
-            if self.gpu is None:
-                check_activations(acts, self.bank.num_neurons)
-            if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes:
-                raise FingerprintError(f"logits must have shape (B, {self.bank.num_classes}), got {logits.shape}")
-            if not np.isfinite(logits).all():
-                raise FingerprintError("logits hold NaN or infinite values")
-            pred = logits.argmax(axis=1)
-            uncovered = ~covered(pred, self.bank, self.m)
-            if uncovered.any():
-                classes = np.unique(pred[uncovered]).tolist()
-                raise FingerprintError(f"predicted class(es) {classes} have no fingerprints in the bank: "
-                                       "this input cannot be checked")
-        except FingerprintError as e:
-            return str(e)
-        return None
-
-    def detect(self, logits: np.ndarray, acts: list) -> Detection:
-        """Verdicts for a batch of requests that passed :meth:`problem`.
-
-        ``logits (B, C)`` of all requests; ``acts`` their activations, one array per request (on the
-        GPU path also DLPack tensors, used in place).
-        """
+    def check(self, logits: np.ndarray, acts) -> np.ndarray:
+        """Predicted labels ``(B,)`` of one request's ``logits (B, C)`` and ``acts (B, D)``; raises
+        :class:`FingerprintError` naming the problem if the request cannot be checked."""
+        if self.gpu is None:
+            check_activations(acts, self.bank.num_neurons)
+        if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes:
+            raise FingerprintError(f"logits must have shape (B, {self.bank.num_classes}), got {logits.shape}")
+        if not np.isfinite(logits).all():
+            raise FingerprintError("logits hold NaN or infinite values")
         labels = logits.argmax(axis=1)
+        uncovered = ~covered(labels, self.bank, self.m)
+        if uncovered.any():
+            classes = np.unique(labels[uncovered]).tolist()
+            raise FingerprintError(f"predicted class(es) {classes} have no fingerprints in the bank: "
+                                   "this input cannot be checked")
+        return labels
+
+    def detect(self, logits: np.ndarray, labels: np.ndarray, acts: list) -> Detection:
+        """Verdicts for a batch of requests that passed :meth:`check`.
+
+        ``logits (B, C)`` and ``labels (B,)`` of all requests; ``acts`` their activations, one array per
+        request (on the GPU path also DLPack tensors, used in place).
+        """
         start = time.perf_counter()
         if self.gpu is None:
             batch = acts[0] if len(acts) == 1 else np.concatenate(acts)

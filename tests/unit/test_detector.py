@@ -5,7 +5,7 @@ import pytest
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
 from kernels.detector import Detector
-from kernels.errors import ModelMismatchError
+from kernels.errors import FingerprintError, ModelMismatchError
 from kernels.scoring import score
 from tests.unit.test_cuda_kernel import mixed_size_bank
 
@@ -36,18 +36,22 @@ def test_a_bank_bound_to_another_model_is_refused(bank_dir):
         Detector(bank_dir, "ef" * 32)
 
 
-def test_each_problem_of_a_request_is_named(bank_dir):
-    det = Detector(bank_dir, SHA)
+@pytest.mark.parametrize("logits, acts, message", [
+    (logits_for([0, 1]), np.zeros((2, 299), np.float32), r"shape \(B, 300\)"),
+    (logits_for([0, 1]), np.zeros((2, 300), np.float64), "float32"),
+    (logits_for([0, 1]), np.array([[0] * 300, [0] * 5 + [np.nan] * 295], np.float32), r"rows \[1\]"),
+    (np.full((2, 3), np.nan, np.float32), np.zeros((2, 300), np.float32), "logits hold NaN"),
+    (np.zeros((2, 4), np.float32), np.zeros((2, 300), np.float32), r"logits must have shape \(B, 3\)"),
+    (logits_for([0, 2]), np.zeros((2, 300), np.float32), r"class\(es\) \[2\] have no fingerprints"),
+])
+def test_each_problem_of_a_request_is_named(bank_dir, logits, acts, message):
+    with pytest.raises(FingerprintError, match=message):
+        Detector(bank_dir, SHA).check(logits, acts)
+
+
+def test_a_good_request_gets_its_predicted_labels(bank_dir):
     acts = np.random.default_rng(0).random((2, 300), dtype=np.float32)
-    assert det.problem(logits_for([0, 1]), acts) is None
-    assert "shape (B, 300)" in det.problem(logits_for([0, 1]), acts[:, :299])
-    assert "float32" in det.problem(logits_for([0, 1]), acts.astype(np.float64))
-    nan = acts.copy()
-    nan[1, 5] = np.nan
-    assert "rows [1]" in det.problem(logits_for([0, 1]), nan)
-    assert "logits hold NaN" in det.problem(np.full((2, 3), np.nan, np.float32), acts)
-    assert "logits must have shape (B, 3)" in det.problem(np.zeros((2, 4), np.float32), acts)
-    assert "class(es) [2] have no fingerprints" in det.problem(logits_for([0, 2]), acts)
+    np.testing.assert_array_equal(Detector(bank_dir, SHA).check(logits_for([1, 0]), acts), [1, 0])
 
 
 def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
@@ -55,7 +59,7 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     rng = np.random.default_rng(2)
     parts = [rng.random((3, 300), dtype=np.float32), rng.random((2, 300), dtype=np.float32)]
     logits = logits_for([0, 1, 1, 0, 1])
-    d = det.detect(logits, parts)
+    d = det.detect(logits, logits.argmax(1), parts)
     offline = score(np.concatenate(parts), d.labels, det.bank, M, ids=d.fingerprint_ids)
     z = det.calibration.standardize(offline.lrt, d.labels)
     np.testing.assert_allclose(d.score, z, rtol=1e-5)
@@ -69,5 +73,5 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
 
 def test_two_detectors_draw_differently_for_the_same_input(bank_dir):
     acts = [np.random.default_rng(3).random((1, 300), dtype=np.float32)]
-    a, b = (Detector(bank_dir, SHA).detect(logits_for([1]), acts) for _ in range(2))
+    a, b = (Detector(bank_dir, SHA).detect(logits_for([1]), np.array([1]), acts) for _ in range(2))
     assert not np.array_equal(a.fingerprint_ids, b.fingerprint_ids)

@@ -22,6 +22,16 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.detector import Detector, DetectorMetrics
+from kernels.errors import FingerprintError
+
+
+def host_array(tensor) -> np.ndarray:
+    """A NumPy copy of an input tensor; on ``KIND_GPU`` inputs may live on the GPU (DLPack)."""
+    if tensor.is_cpu():
+        return tensor.as_numpy()
+    import cupy as cp
+
+    return cp.from_dlpack(tensor.to_dlpack()).get()
 
 
 class TritonPythonModel:
@@ -35,21 +45,22 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        logits, acts, owners = [], [], []
+        logits, labels, acts, owners = [], [], [], []
         for i, request in enumerate(requests):
-            z = pb_utils.get_input_tensor_by_name(request, "logits").as_numpy()
+            z = host_array(pb_utils.get_input_tensor_by_name(request, "logits"))
             a = pb_utils.get_input_tensor_by_name(request, "activations")
             a = a.as_numpy() if self.detector.gpu is None or a.is_cpu() else a
-            problem = self.detector.problem(z, a)
-            if problem:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+            try:
+                labels.append(self.detector.check(z, a))
+            except FingerprintError as e:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             logits.append(z)
             acts.append(a)
             owners.append((i, len(z)))
         if not owners:
             return responses
-        detection = self.detector.detect(np.concatenate(logits), acts)
+        detection = self.detector.detect(np.concatenate(logits), np.concatenate(labels), acts)
         self.metrics.record(detection)
         start = 0
         for i, n in owners:

@@ -15,6 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.detector import Detector, DetectorMetrics
+from kernels.errors import FingerprintError
 from kernels.onnx_runtime import image_problem, ort_session
 
 
@@ -47,23 +48,25 @@ class TritonPythonModel:
         if not owners:
             return responses
         logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(images)})
-        rows, checked = [], []
+        rows, labels, checked = [], [], []
         start = 0
         for i, n in owners:
             s = slice(start, start + n)
-            problem = self.detector.problem(logits[s], acts[s])
-            if problem:
-                responses[i] = error(problem)
-            else:
-                rows.append(s)
-                checked.append((i, n))
             start += n
+            try:
+                labels.append(self.detector.check(logits[s], acts[s]))
+            except FingerprintError as e:
+                responses[i] = error(str(e))
+                continue
+            rows.append(s)
+            checked.append((i, n))
         if not checked:
             return responses
+        labels = np.concatenate(labels)
         if len(checked) == len(owners):
-            detection = self.detector.detect(logits, [acts])
+            detection = self.detector.detect(logits, labels, [acts])
         else:
-            detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), [acts[s] for s in rows])
+            detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), labels, [acts[s] for s in rows])
         self.metrics.record(detection)
         start = 0
         for i, n in checked:
