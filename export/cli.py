@@ -135,8 +135,10 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fpr", type=float, default=0.01, help="operating false-positive rate (default: %(default)s)")
-    p.add_argument("--whitebox-seed", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="operating false-positive rate; with --url the server's own (default: %(default)s)")
+    p.add_argument("--whitebox-seed", type=int, default=2,
+                   help="seed of the local draws, the server replay and the attacks' random starts (default: %(default)s)")
     p.add_argument("--m-values", type=int, nargs="+",
                    help="fingerprints the server draws per request, one experiment each (default: the bank's m)")
     p.add_argument("--adaptive-eps", type=float, nargs="*", default=[],
