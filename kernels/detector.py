@@ -84,6 +84,7 @@ class Detector:
         self.m = self.calibration.m
         self.fpr = float(false_positive_rate)
         self.calibration.threshold(self.fpr, np.zeros(1, np.int64))  # fail at load if not calibrated
+        self.bank.lrt_params  # build the scoring table now, not on the first request
         self.rng = secure_rng()
         self.gpu = None
         if gpu:
