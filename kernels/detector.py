@@ -36,7 +36,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Detection:
-    """Verdicts for a batch; :meth:`outputs` slices them into one response's tensors."""
+    """Verdicts for a batch; :meth:`per_request` splits them into the responses' tensors."""
 
     labels: np.ndarray  # (B,) int64 predicted classes
     probabilities: np.ndarray  # (B, C) float32 softmax of the logits
@@ -45,11 +45,13 @@ class Detection:
     fingerprint_ids: np.ndarray  # (B, m) int64 this batch's draws
     kernel_s: float  # seconds spent drawing and scoring
 
-    def outputs(self, rows: slice) -> dict[str, np.ndarray]:
-        """The served output tensors of ``rows``, named as in the model configs."""
-        return {"label": self.labels[rows, None], "probabilities": self.probabilities[rows],
-                "score": self.score[rows, None], "is_attacked": self.is_attacked[rows, None],
-                "fingerprint_ids": self.fingerprint_ids[rows]}
+    def per_request(self, sizes: list[int]) -> list[dict[str, np.ndarray]]:
+        """The served output tensors of consecutive requests of ``sizes`` inputs each, named as in the
+        model configs."""
+        bounds = np.cumsum([0, *sizes])
+        return [{"label": self.labels[a:b, None], "probabilities": self.probabilities[a:b],
+                 "score": self.score[a:b, None], "is_attacked": self.is_attacked[a:b, None],
+                 "fingerprint_ids": self.fingerprint_ids[a:b]} for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class DetectorMetrics:

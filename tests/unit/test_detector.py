@@ -65,7 +65,8 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     np.testing.assert_allclose(d.score, z, rtol=1e-5)
     np.testing.assert_array_equal(d.is_attacked, z < det.calibration.threshold(0.05, d.labels))
     assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0
-    out = d.outputs(slice(3, 5))
+    first, out = d.per_request([3, 2])
+    np.testing.assert_array_equal(first["fingerprint_ids"], d.fingerprint_ids[:3])
     assert {k: v.shape for k, v in out.items()} == {"label": (2, 1), "probabilities": (2, 3), "score": (2, 1),
                                                      "is_attacked": (2, 1), "fingerprint_ids": (2, M)}
     np.testing.assert_allclose(out["probabilities"].sum(1), 1, rtol=1e-6)

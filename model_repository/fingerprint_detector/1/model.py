@@ -62,9 +62,6 @@ class TritonPythonModel:
             return responses
         detection = self.detector.detect(np.concatenate(logits), np.concatenate(labels), acts)
         self.metrics.record(detection)
-        start = 0
-        for i, n in owners:
-            out = detection.outputs(slice(start, start + n))
+        for (i, _), out in zip(owners, detection.per_request([n for _, n in owners])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
-            start += n
         return responses

@@ -68,9 +68,6 @@ class TritonPythonModel:
         else:
             detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), labels, [acts[s] for s in rows])
         self.metrics.record(detection)
-        start = 0
-        for i, n in checked:
-            out = detection.outputs(slice(start, start + n))
+        for (i, _), out in zip(checked, detection.per_request([n for _, n in checked])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
-            start += n
         return responses
