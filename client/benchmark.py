@@ -6,13 +6,12 @@
 
 For each suite — the MNIST CNN of the pipeline output ``--out``, and EfficientNet-Lite0 with a
 synthetic bank of 1,000 classes x 1,000 fingerprints (``export.synthetic_bank``, built on first use
-in ``--efficientnet-out``) — starts a real Triton server on its repository, then, for each model (``classifier``
-alone, ``guarded_classifier`` = classifier + fingerprint detector), batch size and concurrency
-(requests kept in flight by a closed loop), measures after a warm-up over a fixed time window:
-throughput (images/s), latency p50 / p90 / p99 and errors. Three models are served by one server:
-``classifier`` alone (asked for its logits only, as the classifier a user already serves), ``guarded_classifier`` (the ensemble: classifier, then fingerprint detector) and
-``guarded_classifier_fused`` (both in one Python step; ``--no-fused`` leaves it out). They are measured
-in the same process, points interleaved, so the ratios compare like with like on a noisy machine. The
+in ``--efficientnet-out``) — starts a real Triton server serving three models: ``classifier`` alone
+(asked for its logits only, as the classifier a user already serves), ``guarded_classifier`` (the
+ensemble: classifier, then fingerprint detector) and ``guarded_classifier_fused`` (both in one Python
+step; ``--no-fused`` leaves it out). For each batch size and concurrency (requests kept in flight by a
+closed loop) it measures, after a warm-up, throughput (images/s), latency p50 / p90 / p99 and errors,
+the models taking turns in rounds so that the ratios compare like with like on a noisy machine. The
 detectors' own compute comes from their ``nfp_kernel_microseconds_total`` metric, so the report splits
 the overhead into kernel time and hand-off between steps.
 Writes ``<out>/benchmark/benchmark.json``, ``.md`` and ``latency_throughput.png``.

@@ -384,8 +384,7 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
         if served.get("model_sha256") != full.meta.get("model_sha256"):
             raise ModelMismatchError(f"the server at {url} serves model sha256 {served.get('model_sha256')}, the bank in "
                                      f"{ws.root} belongs to {full.meta.get('model_sha256')}: attack the served model")
-        fpr, bank_sizes = float(served["false_positive_rate"]), None
-        m_values = [load_calibrations(full)["lrt"].m]
+        fpr, bank_sizes, m_values = float(served["false_positive_rate"]), None, None
     m_values = list(m_values or [load_calibrations(full)["lrt"].m])
     banks = [full] if not bank_sizes else [full.strongest(n) for n in bank_sizes]
     results: dict[str, Any] = {"fpr": fpr, "server": {"url": url, "model": model} if url else "offline replay",
@@ -393,6 +392,9 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
     lines = ["| bank size | m | attack | attacked | local detector | passed locally | still flagged by the server "
              "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     mismatches = 0
+    calibration, cal_meta = load_activation_set(ws, "calibration", mmap=False)
+    evals = {label: (*load_activation_set(ws, f"eval_{label}"),  # memory-mapped: rows are copied when used
+                     ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")) for label in summary["eval"]}
     for bank in banks:
         size = int(bank.counts.max())
         for m in m_values:
@@ -401,13 +403,10 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
                 server_cal = server_cal["lrt"]
             else:  # the attacker knows the served thresholds: those stored with the bank
                 server_cal = load_calibrations(bank)["lrt"]
-                cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
                 keep = covered(cal_meta["predicted"], bank, m)
-                cal_acts = cal_acts[keep]
-            cal_labels = load_activation_set(ws, "calibration")[1]["predicted"][keep]
-            for label in summary["eval"]:
-                acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
-                adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+                cal_acts = calibration[keep]
+            cal_labels = cal_meta["predicted"][keep]
+            for label, (acts, meta, adv) in evals.items():
                 ok = adv["success"] & covered(meta["predicted"], bank, m)
                 if not ok.any():
                     continue
