@@ -62,7 +62,8 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     d = det.detect(logits, logits.argmax(1), parts)
     offline = score(np.concatenate(parts), d.labels, det.bank, M, ids=d.fingerprint_ids)
     z = det.calibration.standardize(offline.lrt, d.labels)
-    np.testing.assert_allclose(d.score, z, rtol=1e-5)
+    # float32 served score vs float64 offline: an absolute floor, since a random draw can land near z = 0
+    np.testing.assert_allclose(d.score, z, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(d.is_attacked, z < det.calibration.threshold(0.05, d.labels))
     assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0
     first, out = d.per_request([3, 2])

@@ -60,7 +60,7 @@ def test_static_scores_use_every_fingerprint_of_the_class(bank):  # noqa: F811
     x, y = make_rows(6, 30, False)
     expected = [score(x[i : i + 1], y[i : i + 1], bank, 1,
                       ids=np.arange(bank.class_offsets[y[i]], bank.class_offsets[y[i] + 1])[None]).lrt[0] for i in range(6)]
-    np.testing.assert_allclose(static_scores(x, y, bank), expected)
+    np.testing.assert_allclose(static_scores(x, y, bank), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_wilson_interval_brackets_the_proportion():
