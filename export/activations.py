@@ -20,9 +20,10 @@ Example::
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ def default_layers(model: nn.Module, count: int = DEFAULT_LAYER_COUNT) -> list[s
     return names[-count:]
 
 
-def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, str, nn.Module]]:
+def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     resolved = []
     for spec in layers:
@@ -117,10 +118,34 @@ def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, str, nn
         if name not in modules or name == "":
             available = ", ".join(n for n in modules if n)
             raise LayerNotFoundError(f"layer {name!r} not found in {type(model).__name__}; available: {available}")
-        resolved.append((name, where, modules[name]))
-    if len({(n, w) for n, w, _ in resolved}) != len(resolved):
+        resolved.append((name, where))
+    if len(set(resolved)) != len(resolved):
         raise InvalidInputError(f"layers listed twice: {list(layers)}")
     return resolved
+
+
+@contextmanager
+def recorded(model: nn.Module, layers: Sequence[tuple[str, str]]) -> Iterator[dict[int, torch.Tensor]]:
+    """Inside the ``with`` block, every forward pass of ``model`` stores each ``(module name, "output" |
+    "input")`` value under its position in ``layers``, cloned so that a later in-place op (a ReLU)
+    cannot change it. Shared by :func:`capture_activations` and the ONNX export's wrapper."""
+    modules = dict(model.named_modules())
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(i: int, name: str, where: str):
+        def fn(_module, inputs, output):
+            t = output if where == "output" else inputs[0]
+            if not isinstance(t, torch.Tensor):
+                raise InvalidInputError(f"layer {name!r} {where} is a {type(t).__name__}, not a tensor")
+            captured[i] = t.detach().float().clone()
+        return fn
+
+    handles = [modules[name].register_forward_hook(hook(i, name, where)) for i, (name, where) in enumerate(layers)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -153,28 +178,16 @@ def capture_activations(
     layers = list(layers) if layers else default_layers(model)
     resolved = _resolve(model, layers)
     model.eval()
-    captured: dict[int, torch.Tensor] = {}
-
-    def hook(i: int, where: str):
-        def fn(_module, inputs, output):
-            t = output if where == "output" else inputs[0]
-            if not isinstance(t, torch.Tensor):
-                raise InvalidInputError(f"layer {layers[i]!r} {where} is a {type(t).__name__}, not a tensor")
-            captured[i] = t.detach().float().clone()  # clone: survives later in-place ops
-        return fn
-
-    handles = [m.register_forward_hook(hook(i, w)) for i, (_, w, m) in enumerate(resolved)]
-    try:
-        captured.clear()
+    with recorded(model, resolved) as captured:
         model(torch.from_numpy(np.ascontiguousarray(x[:1])))  # one image tells each layer's shape
-        for i, (name, where, _) in enumerate(resolved):
+        for i, (name, _) in enumerate(resolved):
             if i not in captured:
                 raise LayerNotFoundError(f"layer {name!r} did not run in the forward pass; it cannot be captured")
         shapes = [captured[i].shape[1:] for i in range(len(resolved))]
         sizes = [int(np.prod(shape)) for shape in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
         layout = ActivationLayout(tuple(LayerSlice(n, w, int(offsets[i]), sizes[i], tuple(shapes[i]))
-                                        for i, (n, w, _) in enumerate(resolved)))
+                                        for i, (n, w) in enumerate(resolved)))
 
         d = layout.num_neurons
         acts = (np.lib.format.open_memmap(out, mode="w+", dtype=np.float32, shape=(len(x), d))
@@ -190,9 +203,6 @@ def capture_activations(
                 logits[start : start + len(batch)] = z.float().numpy()
             for i in range(len(resolved)):
                 acts[start : start + len(batch), offsets[i] : offsets[i + 1]] = captured[i].reshape(len(batch), -1).numpy()
-    finally:
-        for h in handles:
-            h.remove()
     if out is not None:
         acts.flush()
     return (acts, layout, logits) if return_logits else (acts, layout)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.activations import ActivationLayout
+from export.activations import ActivationLayout, recorded
 from export.models import sha256_file
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.onnx_runtime import ort_session
@@ -46,22 +46,9 @@ class ClassifierWithActivations(nn.Module):
             raise ModelMismatchError(f"layers {missing} of the bank's layout are not in {type(model).__name__}")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        modules = dict(self.model.named_modules())
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook(i: int, where: str):
-            def fn(_m, inputs, output):
-                # clone, as capture_activations does: a later in-place op must not change the value
-                captured[i] = (output if where == "output" else inputs[0]).flatten(1).clone()
-            return fn
-
-        handles = [modules[s.name].register_forward_hook(hook(i, s.where)) for i, s in enumerate(self.layout.slices)]
-        try:
+        with recorded(self.model, [(s.name, s.where) for s in self.layout.slices]) as captured:
             logits = self.model(images)
-        finally:
-            for h in handles:
-                h.remove()
-        return logits, torch.cat([captured[i] for i in range(len(self.layout.slices))], dim=1)
+        return logits, torch.cat([captured[i].flatten(1) for i in range(len(self.layout.slices))], dim=1)
 
 
 @dataclass(frozen=True)
