@@ -48,16 +48,6 @@ def per_image_loop(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     return out
 
 
-def best_time(fn: Callable[[], object], budget_s: float = 0.3, max_repeats: int = 50) -> float:
-    fn()
-    times: list[float] = []
-    while len(times) < max_repeats and sum(times) < budget_s:
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def best_times(fns: list[Callable[[], object]], budget_s: float = 0.6, max_repeats: int = 50) -> list[float]:
     """Best time of each function, their calls interleaved so that the machine's drifts hit all alike."""
     for fn in fns:
@@ -97,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         ours, serving, fancy = best_times([lambda: score(acts, labels, bank, m, draw_rng),
                                            lambda: score(acts, labels, bank, m, draw_rng, lrt_only=True),
                                            baseline(fancy_indexing)])
-        loop = best_time(baseline(per_image_loop), budget_s=0.5, max_repeats=3) if b * m <= 64 * 256 else float("nan")
+        loop = best_times([baseline(per_image_loop)], budget_s=0.5, max_repeats=3)[0] if b * m <= 64 * 256 else float("nan")
         values = b * m * k / ours
         line = (f"{b:>4} {m:>5} {k:>3} | {ours * 1e6:>9.0f} {b / ours:>9,.0f} {values:>9.2e} | {serving * 1e6:>9.0f}"
                 f" {ours / serving:>5.1f} | {fancy * 1e6:>9.0f} {fancy / ours:>5.1f} | {loop * 1e6:>9.0f} {loop / ours:>6.0f}")
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             from kernels.gpu import GpuScorer
 
             scorer, acts_d = GpuScorer(bank), cp.asarray(acts)
-            t = best_time(lambda: scorer.score(acts_d, labels, m, draw_rng))  # .get() synchronizes
+            t = best_times([lambda: scorer.score(acts_d, labels, m, draw_rng)], budget_s=0.3)[0]  # .get() synchronizes
             line += f" | {t * 1e6:>9.0f} {b / t:>10,.0f}"
         print(line)
 
