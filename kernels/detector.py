@@ -96,8 +96,10 @@ class Detector:
 
     def check(self, logits: np.ndarray, acts) -> np.ndarray:
         """Predicted labels ``(B,)`` of one request's ``logits (B, C)`` and ``acts (B, D)``; raises
-        :class:`FingerprintError` naming the problem if the request cannot be checked."""
-        if self.gpu is None:
+        :class:`FingerprintError` naming the problem if the request cannot be checked. Host arrays are
+        validated on both paths; activations that stay on the GPU (DLPack) come straight from the
+        classifier step, which validated the images."""
+        if isinstance(acts, np.ndarray):
             check_activations(acts, self.bank.num_neurons)
         if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes:
             raise FingerprintError(f"logits must have shape (B, {self.bank.num_classes}), got {logits.shape}")

@@ -49,6 +49,13 @@ def test_each_problem_of_a_request_is_named(bank_dir, logits, acts, message):
         Detector(bank_dir, SHA).check(logits, acts)
 
 
+def test_host_activations_are_checked_on_the_gpu_path_too(bank_dir):
+    det = Detector(bank_dir, SHA)
+    det.gpu = object()  # stands in for the GpuScorer, which check() never calls
+    with pytest.raises(FingerprintError, match="float32"):
+        det.check(logits_for([0, 1]), np.zeros((2, 300), np.float64))
+
+
 def test_a_good_request_gets_its_predicted_labels(bank_dir):
     acts = np.random.default_rng(0).random((2, 300), dtype=np.float32)
     np.testing.assert_array_equal(Detector(bank_dir, SHA).check(logits_for([1, 0]), acts), [1, 0])
