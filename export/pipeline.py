@@ -248,24 +248,25 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     return results
 
 
-def calibrate_draws(ws: Workspace, bank: Bank, m: int, fprs: Sequence[float], seed: int, repeats: int):
-    """Calibrations of every score method for draws of ``m``, from the calibration split.
+def calibrate_draws(acts: np.ndarray, predicted: np.ndarray, bank: Bank, m: int, fprs: Sequence[float], seed: int,
+                    repeats: int) -> tuple[dict[str, Calibration], np.ndarray]:
+    """Calibrations of every score method for draws of ``m``, from the calibration split's activations
+    ``acts`` and predicted labels.
 
-    Returns the calibrations, the activations used and the mask of images kept (predicted as a class
-    with at least ``m`` fingerprints).
+    Returns the calibrations and the mask of images used (predicted as a class with at least ``m``
+    fingerprints).
     """
-    acts, meta = load_activation_set(ws, "calibration", mmap=False)
-    keep = covered(meta["predicted"], bank, m)
+    keep = covered(predicted, bank, m)
     if not keep.any():
         raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
-    acts, predicted = acts[keep], meta["predicted"][keep]
+    acts, predicted = acts[keep], predicted[keep]
     rng = np.random.default_rng(seed)
     runs = [score(acts, predicted, bank, m, rng) for _ in range(repeats)]
     labels = np.tile(predicted, repeats)
     cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
                                        method, m, fprs)
            for method in METHODS}
-    return cal, acts, keep
+    return cal, keep
 
 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
@@ -278,12 +279,13 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     """
     started = time.time()
     bank = Bank.load(bank_dir(ws))
-    cal, acts, keep = calibrate_draws(ws, bank, m, fprs, seed, repeats)
+    acts, meta = load_activation_set(ws, "calibration", mmap=False)
+    cal, keep = calibrate_draws(acts, meta["predicted"], bank, m, fprs, seed, repeats)
     bank = bank.with_meta(calibration={k: c.to_json() for k, c in cal.items()}, draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
               {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in cal["lrt"].thresholds.items()}})
-    return {"m": m, "calibration_images": int(len(acts)), "uncovered_images": int((~keep).sum()), "repeats": repeats}
+    return {"m": m, "calibration_images": int(keep.sum()), "uncovered_images": int((~keep).sum()), "repeats": repeats}
 
 
 def load_calibrations(bank: Bank) -> dict[str, Calibration]:
@@ -399,13 +401,13 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
         size = int(bank.counts.max())
         for m in m_values:
             if client is None:
-                server_cal, cal_acts, keep = calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)
-                server_cal = server_cal["lrt"]
+                cals, keep = calibrate_draws(calibration, cal_meta["predicted"], bank, m, (fpr,), seed,
+                                             DEFAULT_CALIBRATION_REPEATS)
+                server_cal = cals["lrt"]
             else:  # the attacker knows the served thresholds: those stored with the bank
                 server_cal = load_calibrations(bank)["lrt"]
                 keep = covered(cal_meta["predicted"], bank, m)
-                cal_acts = calibration[keep]
-            cal_labels = cal_meta["predicted"][keep]
+            cal_acts, cal_labels = calibration[keep], cal_meta["predicted"][keep]
             for label, (acts, meta, adv) in evals.items():
                 ok = adv["success"] & covered(meta["predicted"], bank, m)
                 if not ok.any():
@@ -481,7 +483,8 @@ def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_valu
             static_cal = calibrate_threshold(static_scores(cal_acts[keep], cal_meta["predicted"][keep], bank),
                                              cal_meta["predicted"][keep], bank.num_classes, "lrt-static", 0, (fpr,))
             cals = ({} if client else
-                    {m: calibrate_draws(ws, bank, m, (fpr,), seed, DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values})
+                    {m: calibrate_draws(cal_acts, cal_meta["predicted"], bank, m, (fpr,), seed,
+                                         DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values})
             for w in (0.0, weight):
                 x_adv = plain if w == 0 else detector_aware_pgd(model, layout, bank, x, y, eps, weight=w, seed=seed)
                 acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
