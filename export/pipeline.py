@@ -372,7 +372,7 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
     the images are sent to its ``model`` over gRPC and its verdicts count, at its own bank, ``m`` and
     false-positive rate (read from its configuration).
     """
-    from export.whitebox import RemoteServer, filter_experiment, plot_evasion, pooled
+    from export.whitebox import RemoteServer, filter_experiment, plot_evasion, pooled, static_calibration
 
     started = time.time()
     full = Bank.load(bank_dir(ws))
@@ -407,13 +407,13 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
             else:  # the attacker knows the served thresholds: those stored with the bank
                 server_cal = load_calibrations(bank)["lrt"]
                 keep = covered(cal_meta["predicted"], bank, m)
-            cal_acts, cal_labels = calibration[keep], cal_meta["predicted"][keep]
+            static_cal = static_calibration(calibration[keep], cal_meta["predicted"][keep], bank, fpr)
             for label, (acts, meta, adv) in evals.items():
                 ok = adv["success"] & covered(meta["predicted"], bank, m)
                 if not ok.any():
                     continue
                 remote = client and RemoteServer(client, adv["x_adv"][ok], meta["predicted"][ok], m)
-                r = filter_experiment(bank, server_cal, cal_acts, cal_labels, np.ascontiguousarray(acts[ok]),
+                r = filter_experiment(bank, server_cal, static_cal, np.ascontiguousarray(acts[ok]),
                                       meta["predicted"][ok], fpr, seed, remote)
                 mismatches += remote.label_mismatches if remote else 0
                 results["filter"].append({"bank_size": size, "m": m, "attack": label, **r})
@@ -463,7 +463,7 @@ def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_valu
     ``count`` test images; scored against the static detector of the bank and randomized servers
     (replayed offline for each ``m``, or the running server behind ``client``)."""
     from export.adaptive_attack import detector_aware_pgd
-    from export.whitebox import RemoteServer, adaptive_experiment, offline_server, static_scores
+    from export.whitebox import RemoteServer, adaptive_experiment, offline_server, static_calibration
 
     ds, splits, _ = load_prepared(ws)
     model = load_classifier(ws)
@@ -480,8 +480,7 @@ def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_valu
         plain = detector_aware_pgd(model, layout, banks[0], x, y, eps, weight=0.0, seed=seed)  # needs no bank
         for bank in banks:
             keep = covered(cal_meta["predicted"], bank, 1)
-            static_cal = calibrate_threshold(static_scores(cal_acts[keep], cal_meta["predicted"][keep], bank),
-                                             cal_meta["predicted"][keep], bank.num_classes, "lrt-static", 0, (fpr,))
+            static_cal = static_calibration(cal_acts[keep], cal_meta["predicted"][keep], bank, fpr)
             cals = ({} if client else
                     {m: calibrate_draws(cal_acts, cal_meta["predicted"], bank, m, (fpr,), seed,
                                          DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values})

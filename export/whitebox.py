@@ -85,20 +85,24 @@ class RemoteServer:
         return np.concatenate(flags) if flags else np.zeros(0, bool)
 
 
-def filter_experiment(bank: Bank, server_cal: Calibration, calibration_acts: np.ndarray,
-                      calibration_labels: np.ndarray, attacked_acts: np.ndarray, attacked_labels: np.ndarray,
-                      fpr: float = 0.01, seed: int = 0, server: Server | None = None) -> dict[str, Any]:
+def static_calibration(acts: np.ndarray, labels: np.ndarray, bank: Bank, fpr: float) -> Calibration:
+    """The static detector's threshold for ``fpr``, from clean calibration activations and predicted labels."""
+    return calibrate_threshold(static_scores(acts, labels, bank), labels, bank.num_classes, "lrt-static", 0, (fpr,))
+
+
+def filter_experiment(bank: Bank, server_cal: Calibration, static_cal: Calibration, attacked_acts: np.ndarray,
+                      attacked_labels: np.ndarray, fpr: float = 0.01, seed: int = 0,
+                      server: Server | None = None) -> dict[str, Any]:
     """Filter strategy against one set of successful attacked images.
 
     ``server_cal`` is the server's calibration (the attacker knows it: the local random detector uses
-    it); ``server`` its verdicts, by default :func:`offline_server` with fresh draws.
+    it), ``static_cal`` the static detector's (:func:`static_calibration`); ``server`` the server's
+    verdicts, by default :func:`offline_server` with fresh draws.
     Returns, per local detector, how many images passed it and how many of those the server still
     flags (with a 95% Wilson interval of the evasion rate = passed the server too).
     """
     rng = np.random.default_rng(seed)
     server = server or offline_server(bank, server_cal, attacked_acts, attacked_labels, fpr, rng)
-    static_cal = calibrate_threshold(static_scores(calibration_acts, calibration_labels, bank), calibration_labels,
-                                     bank.num_classes, "lrt-static", 0, (fpr,))
     local_random = score(attacked_acts, attacked_labels, bank, server_cal.m, rng).lrt
     local = {
         "static": ~static_cal.is_attacked(static_scores(attacked_acts, attacked_labels, bank), attacked_labels, fpr),

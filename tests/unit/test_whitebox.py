@@ -1,7 +1,7 @@
 """Plumbing of the white-box filter experiment (not its headline number)."""
 import numpy as np
 
-from export.whitebox import adaptive_experiment, filter_experiment, static_scores, wilson
+from export.whitebox import adaptive_experiment, filter_experiment, static_calibration, static_scores, wilson
 from kernels.calibration import calibrate_threshold
 from kernels.scoring import score
 from tests.unit.test_bank_and_scoring import bank, make_rows  # noqa: F401 (fixture)
@@ -12,7 +12,7 @@ def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank):  # noqa
     server = calibrate_threshold(score(cal_x, cal_y, bank, 16, np.random.default_rng(0)).lrt, cal_y, 2, "lrt", 16, (0.05,))
     att_x, att_y = make_rows(400, 21, True)
     att_x = 0.2 * att_x + 0.8 * make_rows(400, 22, False)[0]  # weaker attacks: some pass locally
-    r = filter_experiment(bank, server, cal_x, cal_y, att_x, att_y, fpr=0.05, seed=3)
+    r = filter_experiment(bank, server, static_calibration(cal_x, cal_y, bank, 0.05), att_x, att_y, fpr=0.05, seed=3)
     assert r["attacked"] == 400
     for name in ("static", "random"):
         e = r[name]
@@ -36,7 +36,8 @@ def test_the_server_sees_exactly_the_images_that_passed_locally(bank):  # noqa: 
         sent.append(rows)
         return rows % 2 == 0
 
-    r = filter_experiment(bank, server, cal_x, cal_y, att_x, att_y, fpr=0.05, seed=3, server=flags_every_other)
+    r = filter_experiment(bank, server, static_calibration(cal_x, cal_y, bank, 0.05), att_x, att_y, fpr=0.05, seed=3,
+                          server=flags_every_other)
     for name, rows in zip(("static", "random"), sent):
         assert len(rows) == r[name]["passed_local"]
         assert r[name]["flagged_by_server"] == (rows % 2 == 0).sum()
