@@ -80,23 +80,14 @@ def image_input(url: str, images: np.ndarray, shared_memory: bool):
 
 def measure(url: str, model: str, tensor, concurrency: int, window_s: float, warmup_s: float
             ) -> tuple[list[float], int]:
-    """Closed loop: ``concurrency`` requests with input ``tensor`` in flight for ``warmup_s + window_s``.
-
-    Returns the latencies (seconds) of the requests sent inside the window, and the number of errors
-    among them."""
+    """Closed loop: keep ``concurrency`` requests with input ``tensor`` in flight for ``warmup_s +
+    window_s``. Returns the latencies (seconds) of the requests sent inside the window, after the
+    warm-up, and the number of errors among them; the last of them are waited for, so that requests
+    longer than the window are measured too."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     outputs = [grpcclient.InferRequestedOutput(name) for name in REQUESTED[model]] if model in REQUESTED else None
-    result = closed_loop(client, model, tensor, outputs, concurrency, window_s, warmup_s)
-    client.close()
-    return result
-
-
-def closed_loop(client, model: str, tensor, outputs, concurrency: int, window_s: float, warmup_s: float
-                ) -> tuple[list[float], int]:
-    """Keep ``concurrency`` requests in flight; count those sent inside the window after the warm-up
-    (waiting for the last of them), so that requests longer than the window are measured too."""
     slots, lock = threading.Semaphore(concurrency), threading.Lock()
     latencies: list[float] = []
     errors = [0]
@@ -120,6 +111,7 @@ def closed_loop(client, model: str, tensor, outputs, concurrency: int, window_s:
         client.async_infer(model, [tensor], functools.partial(callback, sent), outputs=outputs)  # (result=, error=)
     for _ in range(concurrency):  # wait for the last requests in flight
         slots.acquire(timeout=60)
+    client.close()
     return latencies, errors[0]
 
 
