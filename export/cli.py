@@ -103,7 +103,7 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the draws on the test split (default: %(default)s)")
     p.add_argument("--spread-draws", type=int, default=100,
-                   help="independent draws for the spread of TPR at 1%% FPR (default: %(default)s)")
+                   help="independent draws for the spread of TPR at the lowest calibrated FPR (default: %(default)s)")
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:

@@ -37,7 +37,7 @@ from kernels.errors import InvalidInputError
 
 # The authors' settings (paper, Sec. 4): k = 50 neurons, p < 0.001, |d| > 1.5.
 PAPER_K, PAPER_P_MAX, PAPER_D_MIN = 50, 1e-3, 1.5
-COVARIANCE_MAX_D = 8192  # a (D, D) float64 pair of covariances stays under 1 GiB
+COVARIANCE_MAX_D = 4096  # the (D, D) complex128 pair of covariances stays at 256 MiB
 THREADS = 2
 
 
@@ -128,41 +128,44 @@ class SubsetStatistics:
     def __init__(self, clean: np.ndarray, attacked: np.ndarray, method: str) -> None:
         self.method, self.n_clean, self.n_attacked = method, len(clean), len(attacked)
         self.num_neurons = clean.shape[1]
+        clean_mu, attacked_mu = clean.mean(0, dtype=np.float64), attacked.mean(0, dtype=np.float64)
+        self.mean_pair = np.stack([clean_mu, attacked_mu])  # (2, D) float64
         if method == "covariance":
             if self.num_neurons > COVARIANCE_MAX_D:
                 raise InvalidInputError(f"covariance path needs D <= {COVARIANCE_MAX_D}, got {self.num_neurons}; use gather")
-            self.mean_pair = np.stack([clean.mean(0), attacked.mean(0)]).astype(np.float64)  # (2, D)
-            # one complex64 gather fetches both covariances: real = clean, imag = attacked
-            cov = np.empty((self.num_neurons, self.num_neurons), np.complex64)
-            cov.real, cov.imag = _covariance(clean), _covariance(attacked)
+            # one complex128 gather fetches both float64 covariances: real = clean, imag = attacked
+            cov = np.empty((self.num_neurons, self.num_neurons), np.complex128)
+            cov.real, cov.imag = _covariance(clean, clean_mu), _covariance(attacked, attacked_mu)
             self.cov_flat = cov.ravel()
         else:
-            rows = np.concatenate([clean, attacked]).astype(np.float32)
+            # each set centred per neuron in float64 before the float32 product: a subset mean of
+            # large-mean neurons would otherwise lose its variance to float32 rounding
+            rows = np.concatenate([clean - clean_mu, attacked - attacked_mu]).astype(np.float32)
             self.rows_t = np.ascontiguousarray(rows.T)  # (D, N): each neuron's values contiguous
 
     def __call__(self, subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``subsets (B, k)`` -> clean mean, clean var, attacked mean, attacked var, each ``(B,)``."""
+        """``subsets (B, k)`` -> clean mean, clean var, attacked mean, attacked var, each ``(B,) float64``."""
         b, k = subsets.shape
         d = self.num_neurons
+        means = self.mean_pair[:, subsets].mean(axis=2)
         if self.method == "covariance":
-            means = self.mean_pair[:, subsets].mean(axis=2)
             iu0, iu1 = np.triu_indices(k, 1)
             off = self.cov_flat.take(subsets[:, iu0] * d + subsets[:, iu1]).sum(axis=1)
             diag = self.cov_flat.take(subsets * (d + 1)).sum(axis=1)
-            var = (diag.astype(np.complex128) + 2 * off) / (k * k)
-            return means[0], var.real, means[1], var.imag
+            var = (diag + 2 * off) / (k * k)
+            return means[0], np.maximum(var.real, 0.0), means[1], np.maximum(var.imag, 0.0)
         w = sp.csr_matrix((np.full(b * k, 1.0 / k, np.float32), subsets.ravel(), np.arange(0, b * k + 1, k)),
                           shape=(b, d))
-        values = w @ self.rows_t  # (B, N) subset means of every image
+        values = w @ self.rows_t  # (B, N) centred subset means of every image
         c, a = values[:, : self.n_clean], values[:, self.n_clean :]
-        return (c.mean(1, dtype=np.float64), c.var(1, ddof=1, dtype=np.float64),
-                a.mean(1, dtype=np.float64), a.var(1, ddof=1, dtype=np.float64))
+        return (means[0] + c.mean(1, dtype=np.float64), c.var(1, ddof=1, dtype=np.float64),
+                means[1] + a.mean(1, dtype=np.float64), a.var(1, ddof=1, dtype=np.float64))
 
 
-def _covariance(x: np.ndarray) -> np.ndarray:
-    """``(D, D) float32`` sample covariance (ddof=1) through one float32 matrix product."""
-    centered = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
-    return (centered.T @ centered) / np.float32(len(x) - 1)
+def _covariance(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``(D, D) float64`` sample covariance (ddof=1), accumulated in float64."""
+    centered = x.astype(np.float64) - mean
+    return (centered.T @ centered) / (len(x) - 1)
 
 
 def choose_method(num_neurons: int, k: Sequence[int], num_rows: int) -> str:

@@ -9,6 +9,13 @@ Measured on MNIST with a LeNet-5: with about 100 calibration images per class, a
 is that class's minimum score and noisy, and one global threshold on per-class standardized scores did
 as well or better.
 
+Everything counts **images**, not scores: calibration scores every image under several independent
+draws (``image_ids`` says which scores belong to one image), and ten draws of one image say nothing
+about how other images of its class score. A class with fewer than :data:`MIN_CLASS_IMAGES`
+calibration images is standardized with the statistics of all calibration scores (its own mean and
+spread would be noise); its false-positive rate is then as good as the assumption that its clean
+scores look like the others'.
+
 Scores must be computed under the same random drawing (same ``m``) as at test time.
 """
 from __future__ import annotations
@@ -22,6 +29,7 @@ from kernels.errors import InvalidInputError
 
 DEFAULT_FPRS = (0.01, 0.02, 0.05)  # the paper reports these
 MIN_EXPECTED_FALSE_POSITIVES = 10
+MIN_CLASS_IMAGES = 20  # images a class needs for a mean and spread of its own
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class Calibration:
         class_mean, class_std: ``(C,)`` clean score statistics per predicted class.
         thresholds: ``{fpr: (C,) float}``: flag an input when its standardized score is below its class's entry.
         per_class: ``{fpr: (C,) bool}``: whether the entry is the class's own (else the global one).
-        counts: ``(C,)`` calibration images per predicted class.
+        counts: ``(C,)`` calibration images (not scores) per predicted class.
     """
 
     method: str
@@ -72,23 +80,34 @@ class Calibration:
 
 
 def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, num_classes: int, method: str, m: int,
-                        fprs: Sequence[float] = DEFAULT_FPRS) -> Calibration:
+                        fprs: Sequence[float] = DEFAULT_FPRS, image_ids: np.ndarray | None = None) -> Calibration:
     """Calibrate on clean scores ``(N,)`` with predicted labels ``(N,)``.
 
-    Classes with fewer than 2 calibration images are standardized with the global statistics.
+    ``image_ids (N,)`` names the image behind each score when an image was scored several times
+    (independent draws); default: every score is its own image. Classes with fewer than
+    :data:`MIN_CLASS_IMAGES` images are standardized with the statistics of all scores; a class gets a
+    threshold of its own when it has at least :data:`MIN_EXPECTED_FALSE_POSITIVES` / ``fpr`` images.
     """
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, np.int64)
     if scores.shape != labels.shape or scores.ndim != 1 or len(scores) < 2:
         raise InvalidInputError(f"need matching (N,) scores and labels with N >= 2, got {scores.shape}, {labels.shape}")
     if not np.isfinite(scores).all():
         raise InvalidInputError("calibration scores hold NaN or infinite values")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise InvalidInputError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     for f in fprs:
         if not 0 < f < 1:
             raise InvalidInputError(f"false-positive rates must lie in (0, 1), got {f}")
-    counts = np.bincount(labels, minlength=num_classes)
+    image_ids = np.arange(len(scores)) if image_ids is None else np.asarray(image_ids)
+    if image_ids.shape != scores.shape:
+        raise InvalidInputError(f"image_ids must have shape {scores.shape}, got {image_ids.shape}")
+    pairs = np.unique(np.stack([labels, image_ids.astype(np.int64)]), axis=1)  # distinct (class, image)
+    counts = np.bincount(pairs[0], minlength=num_classes)
+    if (np.unique(pairs[1], return_counts=True)[1] > 1).any():
+        raise InvalidInputError("one image id appears under two predicted labels")
     mean = np.full(num_classes, scores.mean())
     std = np.full(num_classes, max(scores.std(ddof=1), 1e-12))
-    for c in np.flatnonzero(counts >= 2):
+    for c in np.flatnonzero(counts >= MIN_CLASS_IMAGES):
         s = scores[labels == c]
         mean[c], std[c] = s.mean(), max(s.std(ddof=1), 1e-12)
     z = (scores - mean[labels]) / std[labels]

@@ -1,19 +1,18 @@
-"""Shared fixtures: a small real MNIST subset and a small CNN trained on it once per session."""
+"""Shared fixtures: a small real MNIST subset and a small CNN trained on it once per session.
+
+torch and the data set are imported inside the fixtures, so the NumPy-only and GPU tests
+(``make test-gpu`` on a machine without the training extras) collect without them.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
-from export.datasets import load_mnist_5k
-from export.models import default_spec
-from export.training import TrainingConfig, train_classifier
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
 def mnist():
+    from export.datasets import load_mnist_5k
+
     return load_mnist_5k()
 
 
@@ -36,6 +35,12 @@ def mnist_npz(tmp_path_factory, mnist_subset):
 @pytest.fixture(scope="session")
 def small_model(mnist_subset):
     """The built-in small CNN trained for a few epochs on the subset (about 90% accurate on it)."""
+    import torch
+
+    from export.models import default_spec
+    from export.training import TrainingConfig, train_classifier
+
+    torch.set_num_threads(2)
     x, y = mnist_subset
     model = default_spec((1, 28, 28), 10).build()
     train_classifier(model, x, y, TrainingConfig(epochs=6, seed=0), progress=False)

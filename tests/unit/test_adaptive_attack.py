@@ -6,10 +6,9 @@ from export.activations import capture_activations
 from export.adaptive_attack import ExpectedLikelihoodRatio, detector_aware_pgd
 from export.whitebox import static_scores
 from kernels.benchmark import synthetic_bank
-from tests.unit.test_bank_and_scoring import bank, make_rows  # noqa: F401 (fixture)
 
 
-def test_differentiable_score_equals_the_static_detectors(bank):  # noqa: F811
+def test_differentiable_score_equals_the_static_detectors(bank, make_rows):
     acts, labels = make_rows(12, 40, True)
     torch_score = ExpectedLikelihoodRatio(bank)(torch.from_numpy(acts), torch.from_numpy(labels)).numpy()
     np.testing.assert_allclose(torch_score, static_scores(acts, labels, bank), rtol=1e-4, atol=1e-4)

@@ -4,34 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from export.fingerprint_search import SearchConfig, search_fingerprints
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.scoring import draw_fingerprints, score, secure_rng, subset_means
-
-D = 120
-
-
-def make_rows(n, seed, attacked):
-    """Two classes; attacked rows of each class carry a shift on that class's own 16 neurons."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, D)).astype(np.float32)
-    y = np.arange(n) % 2
-    if attacked:
-        for c in (0, 1):
-            x[np.ix_(y == c, np.arange(16) + 16 * c)] += 1.6
-    return x, y
-
-
-@pytest.fixture(scope="module")
-def bank():
-    clean, cy = make_rows(400, 0, False)
-    attacked, ay = make_rows(400, 1, True)
-    fps = search_fingerprints(clean, cy, attacked, ay, 2, SearchConfig(k=(1, 2), candidates=30_000, keep=200),
-                              progress=False)
-    return Bank.from_fingerprints(fps, D, {"class_names": ["a", "b"]})
-
+from tests.unit.conftest import PLANTED_D as D
 
 def test_a_smaller_bank_keeps_each_classs_strongest_fingerprints(bank):
     small = bank.with_meta(calibration={"lrt": {}}).strongest(50)
@@ -79,7 +56,7 @@ def test_subset_means_match_a_per_fingerprint_loop(bank, batch, m):
     np.testing.assert_allclose(subset_means(acts, ids, bank), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_the_serving_lrt_path_equals_the_full_scoring(bank):
+def test_the_serving_lrt_path_equals_the_full_scoring(bank, make_rows):
     acts, labels = make_rows(64, 5, True)
     ids = draw_fingerprints(labels, bank, 32, np.random.default_rng(6))
     full = score(acts, labels, bank, 32, ids=ids)
@@ -89,7 +66,7 @@ def test_the_serving_lrt_path_equals_the_full_scoring(bank):
         fast.get("vote")
 
 
-def test_attacked_rows_score_below_the_calibrated_threshold(bank):
+def test_attacked_rows_score_below_the_calibrated_threshold(bank, make_rows):
     cal_x, cal_y = make_rows(2000, 10, False)
     s = score(cal_x, cal_y, bank, m=16, rng=np.random.default_rng(0))
     cal = calibrate_threshold(s.lrt, cal_y, 2, "lrt", 16, (0.01, 0.05))
@@ -102,14 +79,14 @@ def test_attacked_rows_score_below_the_calibrated_threshold(bank):
     assert tpr > 0.95
 
 
-def test_two_identical_requests_draw_different_fingerprints(bank):
+def test_two_identical_requests_draw_different_fingerprints(bank, make_rows):
     acts, y = make_rows(4, 0, False)
     a, b = score(acts, y, bank, 32), score(acts, y, bank, 32)
     assert not np.array_equal(a.ids, b.ids)
     assert isinstance(secure_rng(), np.random.Generator)
 
 
-def test_draws_stay_inside_the_predicted_class(bank):
+def test_draws_stay_inside_the_predicted_class(bank, make_rows):
     acts, _ = make_rows(50, 0, False)
     y = np.ones(50, np.int64)
     ids = score(acts, y, bank, 8, np.random.default_rng(0)).ids
@@ -129,7 +106,7 @@ def test_bad_input_gets_a_clear_error(bank, acts, labels, m, message):
         score(acts, np.asarray(labels, np.int64), bank, m)
 
 
-def test_given_draws_outside_the_class_are_refused(bank):
+def test_given_draws_outside_the_class_are_refused(bank, make_rows):
     acts, y = make_rows(2, 0, False)
     with pytest.raises(InvalidInputError, match="out of range"):
         score(acts, np.array([0, 0]), bank, 1, ids=np.full((2, 1), bank.num_fingerprints - 1))

@@ -21,21 +21,9 @@ def test_cuda_source_compiles_without_any_warning(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def mixed_size_bank(num_neurons=300, per_class=50, seed=0) -> Bank:
-    rng = np.random.default_rng(seed)
-    f = 3 * per_class
-    lengths = rng.integers(1, 9, f).astype(np.int32)
-    indices = np.full((f, 8), num_neurons, np.int32)
-    for i, n in enumerate(lengths):
-        indices[i, :n] = np.sort(rng.choice(num_neurons, n, replace=False))
-    g = lambda lo, hi: rng.uniform(lo, hi, f).astype(np.float32)  # noqa: E731
-    return Bank(indices, lengths, g(-1, 1), g(0.5, 2), g(-1, 1), g(0.5, 2), g(1, 3),
-                np.arange(0, f + 1, per_class, dtype=np.int64), {"num_neurons": num_neurons})
-
-
 @needs_gpu
 @pytest.mark.parametrize("batch, m", [(1, 16), (64, 256), (7, 1000)])
-def test_gpu_kernel_matches_the_numpy_reference(batch, m):
+def test_gpu_kernel_matches_the_numpy_reference(batch, m, mixed_size_bank):
     import cupy as cp
 
     from kernels.gpu import GpuScorer
@@ -51,7 +39,7 @@ def test_gpu_kernel_matches_the_numpy_reference(batch, m):
 
 
 @needs_gpu
-def test_gpu_path_refuses_bad_input_by_name():
+def test_gpu_path_refuses_bad_input_by_name(mixed_size_bank):
     import cupy as cp
 
     from kernels.gpu import GpuScorer

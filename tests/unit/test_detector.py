@@ -7,14 +7,13 @@ from kernels.calibration import calibrate_threshold
 from kernels.detector import Detector
 from kernels.errors import FingerprintError, ModelMismatchError
 from kernels.scoring import score
-from tests.unit.test_cuda_kernel import mixed_size_bank
 
 SHA = "cd" * 32
 M = 16
 
 
 @pytest.fixture
-def bank_dir(tmp_path):
+def bank_dir(tmp_path, mixed_size_bank):
     """Three classes over 300 neurons; class 2 has no fingerprints."""
     b = mixed_size_bank()
     rng = np.random.default_rng(1)

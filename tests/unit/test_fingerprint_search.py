@@ -96,3 +96,34 @@ def test_nan_activations_are_refused():
     clean[3, 4] = np.nan
     with pytest.raises(InvalidInputError, match="NaN"):
         search_class(clean, attacked, SearchConfig(k=(2,)), seed=0)
+
+
+def float32_hostile(n=200, d=24, seed=5):
+    """Activations that break float32 accumulation: every neuron sits at a mean of 10^4 with unit
+    spread, and neurons come in anti-correlated pairs (2j, 2j+1) whose sum varies by 10^-2 only, so a
+    subset holding a pair has a variance far below its neurons'. Attacked rows move every neuron."""
+    rng = np.random.default_rng(seed)
+
+    def rows(shift):
+        base = rng.normal(size=(n, d // 2))
+        x = np.empty((n, d))
+        x[:, 0::2] = base
+        x[:, 1::2] = -base + 1e-2 * rng.normal(size=(n, d // 2))
+        x += shift
+        return (1e4 + x).astype(np.float32)
+
+    return rows(0.0), rows(0.3)
+
+
+@pytest.mark.parametrize("method", ["covariance", "gather"])
+def test_kept_fingerprints_report_the_float64_brute_force_gaussians(method):
+    clean, attacked = float32_hostile()
+    fp = search_class(clean, attacked, SearchConfig(k=(2, 3, 4), candidates=30_000, keep=200, d_min=0.5,
+                                                    method=method), seed=0)
+    assert len(fp.neurons) >= 50, "the planted signal must yield fingerprints to check"
+    c64, a64 = clean.astype(np.float64), attacked.astype(np.float64)
+    for i, neurons in enumerate(fp.neurons):
+        cv, av = c64[:, neurons].mean(1), a64[:, neurons].mean(1)
+        for got, want in ((fp.clean_mean[i], cv.mean()), (fp.attacked_mean[i], av.mean()),
+                          (fp.clean_std[i], cv.std(ddof=1)), (fp.attacked_std[i], av.std(ddof=1))):
+            assert np.isfinite(got) and abs(got - want) <= 1e-3 * abs(want), (neurons, got, want)

@@ -6,11 +6,10 @@ from tritonclient.grpc import model_config_pb2
 from export.repository import PROFILES, ServingConfig, model_configs
 from kernels.bank import Bank
 from kernels.errors import InvalidInputError
-from tests.unit.test_cuda_kernel import mixed_size_bank
 
 
 @pytest.fixture
-def bank() -> Bank:
+def bank(mixed_size_bank) -> Bank:
     return mixed_size_bank().with_meta(draws_per_input=32, model_sha256="ab" * 32)
 
 

@@ -4,10 +4,9 @@ import numpy as np
 from export.whitebox import adaptive_experiment, filter_experiment, static_calibration, static_scores, wilson
 from kernels.calibration import calibrate_threshold
 from kernels.scoring import score
-from tests.unit.test_bank_and_scoring import bank, make_rows  # noqa: F401 (fixture)
 
 
-def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank):  # noqa: F811
+def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank, make_rows):
     cal_x, cal_y = make_rows(1000, 20, False)
     server = calibrate_threshold(score(cal_x, cal_y, bank, 16, np.random.default_rng(0)).lrt, cal_y, 2, "lrt", 16, (0.05,))
     att_x, att_y = make_rows(400, 21, True)
@@ -25,7 +24,7 @@ def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank):  # noqa
     assert passed.sum() == r["static"]["passed_local"]
 
 
-def test_the_server_sees_exactly_the_images_that_passed_locally(bank):  # noqa: F811
+def test_the_server_sees_exactly_the_images_that_passed_locally(bank, make_rows):
     cal_x, cal_y = make_rows(1000, 20, False)
     server = calibrate_threshold(score(cal_x, cal_y, bank, 16, np.random.default_rng(0)).lrt, cal_y, 2, "lrt", 16, (0.05,))
     att_x, att_y = make_rows(400, 21, True)
@@ -44,7 +43,7 @@ def test_the_server_sees_exactly_the_images_that_passed_locally(bank):  # noqa: 
         assert r[name]["evaded_server"] == (rows % 2 == 1).sum()
 
 
-def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank):  # noqa: F811
+def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank, make_rows):
     x, y = make_rows(8, 31, False)
     true = y.copy()
     true[:4] = 1 - true[:4]  # rows 0-3 misclassified
@@ -57,7 +56,7 @@ def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank):  # n
     assert r["static"]["evaded"] == int((~static_flags[:4]).sum())
 
 
-def test_static_scores_use_every_fingerprint_of_the_class(bank):  # noqa: F811
+def test_static_scores_use_every_fingerprint_of_the_class(bank, make_rows):
     x, y = make_rows(6, 30, False)
     expected = [score(x[i : i + 1], y[i : i + 1], bank, 1,
                       ids=np.arange(bank.class_offsets[y[i]], bank.class_offsets[y[i] + 1])[None]).lrt[0] for i in range(6)]
