@@ -7,7 +7,10 @@ Example::
     result.label, result.is_attacked        # (B,) int64, (B,) bool
 
     futures = [client.submit(batch) for batch in batches]   # concurrent requests
-    results = [f.result() for f in futures]
+    results = [f.result() for f in futures]                  # each resolves within timeout_s
+
+    async with AsyncDetectorClient("127.0.0.1:8001") as client:   # asyncio (tritonclient.grpc.aio)
+        result = await client.detect(images)
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 from kernels.errors import FingerprintError, InvalidInputError
 
 ENSEMBLE = "guarded_classifier"
-OUTPUTS = ("label", "probabilities", "score", "is_attacked", "fingerprint_ids")
+OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids")
 
 
 class RequestError(FingerprintError):
@@ -35,18 +38,55 @@ class Detection:
         probabilities: ``(B, C) float32``.
         score: ``(B,) float32`` standardized likelihood-ratio score (low = attacked).
         is_attacked: ``(B,) bool`` verdict at the served false-positive rate.
-        fingerprint_ids: ``(B, m) int64`` the fingerprints the server drew for each image.
+        checked: ``(B,) bool`` whether the server could check the image (False: its predicted class has
+            too few fingerprints; then score is NaN and is_attacked False).
+        fingerprint_ids: ``(B, m) int64`` the fingerprints the server drew for each image (-1 unchecked).
     """
 
     label: np.ndarray
     probabilities: np.ndarray
     score: np.ndarray
     is_attacked: np.ndarray
+    checked: np.ndarray
     fingerprint_ids: np.ndarray
 
     @property
     def confidence(self) -> np.ndarray:
         return self.probabilities.max(axis=1)
+
+
+def _inputs(grpc, images: np.ndarray):
+    """The request tensors of ``images (B, C, H, W) float32`` for the tritonclient module ``grpc``."""
+    images = np.asarray(images)
+    if images.dtype != np.float32:
+        raise InvalidInputError(f"images must be float32, got {images.dtype}")
+    if images.ndim != 4 or len(images) == 0:
+        raise InvalidInputError(f"images must be a non-empty (B, C, H, W) array, got shape {images.shape}")
+    tensor = grpc.InferInput("images", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(np.ascontiguousarray(images))
+    return [tensor], [grpc.InferRequestedOutput(name) for name in OUTPUTS]
+
+
+def parse(result, batch: int) -> Detection:
+    """The :class:`Detection` of a response for ``batch`` images; :class:`RequestError` if it is not one
+    (an output missing or of the wrong size)."""
+    arrays = {}
+    for name in OUTPUTS:
+        a = result.as_numpy(name)
+        if a is None or len(a) != batch:
+            raise RequestError(f"the server's response lacks output {name!r} for {batch} images "
+                               f"(got {None if a is None else a.shape}): is this a guarded classifier?")
+        arrays[name] = a
+    return Detection(arrays["label"][:, 0], arrays["probabilities"], arrays["score"][:, 0],
+                     arrays["is_attacked"][:, 0], arrays["checked"][:, 0], arrays["fingerprint_ids"])
+
+
+def _server_error(e, url: str) -> RequestError:
+    """A one-line :class:`RequestError` from a tritonclient exception; names an unreachable server."""
+    message = e.message() if hasattr(e, "message") else str(e)
+    if "StatusCode.UNAVAILABLE" in str(e.status() if hasattr(e, "status") else "") or "failed to connect" in message.lower():
+        return RequestError(f"no Triton server answers at {url} ({message.splitlines()[0]})")
+    return RequestError(message.splitlines()[0] if message else type(e).__name__)
 
 
 class DetectorClient:
@@ -55,52 +95,43 @@ class DetectorClient:
     Args:
         url: ``host:port`` of Triton's gRPC endpoint.
         model: the ensemble (or any model with the same inputs and outputs).
-        timeout_s: per-request client timeout.
+        timeout_s: per-request deadline: a request still unanswered then fails with
+            :class:`RequestError` (also the futures of :meth:`submit`).
     """
 
     def __init__(self, url: str, model: str = ENSEMBLE, timeout_s: float = 30.0) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
+        self.url = url
         self.client = grpcclient.InferenceServerClient(url)
         self.model, self.timeout_s = model, timeout_s
-
-    def _inputs(self, images: np.ndarray):
-        images = np.asarray(images)
-        if images.dtype != np.float32:
-            raise InvalidInputError(f"images must be float32, got {images.dtype}")
-        if images.ndim != 4 or len(images) == 0:
-            raise InvalidInputError(f"images must be a non-empty (B, C, H, W) array, got shape {images.shape}")
-        tensor = self._grpc.InferInput("images", list(images.shape), "FP32")
-        tensor.set_data_from_numpy(np.ascontiguousarray(images))
-        return [tensor], [self._grpc.InferRequestedOutput(name) for name in OUTPUTS]
-
-    @staticmethod
-    def _parse(result) -> Detection:
-        get = result.as_numpy
-        return Detection(get("label")[:, 0], get("probabilities"), get("score")[:, 0], get("is_attacked")[:, 0],
-                         get("fingerprint_ids"))
 
     def detect(self, images: np.ndarray) -> Detection:
         """Classify and check ``images (B, C, H, W) float32`` in one request."""
         from tritonclient.utils import InferenceServerException
 
-        inputs, outputs = self._inputs(images)
+        inputs, outputs = _inputs(self._grpc, images)
         try:
-            return self._parse(self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s))
+            result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
-            raise RequestError(e.message()) from None
+            raise _server_error(e, self.url) from None
+        return parse(result, len(images))
 
     def submit(self, images: np.ndarray) -> "Future[Detection]":
-        """Send a request without waiting; many may be in flight at once."""
+        """Send a request without waiting; many may be in flight at once. The future always resolves:
+        with the detection, or with :class:`RequestError` (server error, unparsable answer, deadline)."""
         future: Future[Detection] = Future()
-        inputs, outputs = self._inputs(images)
+        inputs, outputs = _inputs(self._grpc, images)
+        batch = len(images)
 
         def done(result, error) -> None:
-            if error is not None:
-                future.set_exception(RequestError(error.message()))
-            else:
-                future.set_result(self._parse(result))
+            try:
+                if error is not None:
+                    raise _server_error(error, self.url)
+                future.set_result(parse(result, batch))
+            except Exception as e:  # anything raised here would vanish in gRPC's thread and hang the caller
+                future.set_exception(e if isinstance(e, RequestError) else RequestError(f"bad response: {e!r}"))
 
         self.client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=self.timeout_s)
         return future
@@ -111,15 +142,27 @@ class DetectorClient:
         from tritonclient.utils import InferenceServerException
 
         try:
-            config = self.client.get_model_config(self.model, as_json=True)["config"]
+            config = self.client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)["config"]
             steps = config.get("ensemble_scheduling", {}).get("step", [])
-            for cfg in [config] + [self.client.get_model_config(s["model_name"], as_json=True)["config"] for s in steps]:
+            for cfg in [config] + [self.client.get_model_config(s["model_name"], as_json=True,
+                                                                client_timeout=self.timeout_s)["config"]
+                                   for s in steps]:
                 params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
                 if "false_positive_rate" in params:
                     return params
         except InferenceServerException as e:
-            raise RequestError(e.message()) from None
+            raise _server_error(e, self.url) from None
         raise RequestError(f"model {self.model!r} has no fingerprint detector with a false_positive_rate parameter")
+
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` the served model expects, from the server's model metadata."""
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            meta = self.client.get_model_metadata(self.model, as_json=True, client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            raise _server_error(e, self.url) from None
+        return tuple(int(d) for d in meta["inputs"][0]["shape"][-3:])  # type: ignore[return-value]
 
     def close(self) -> None:
         self.client.close()
@@ -129,3 +172,35 @@ class DetectorClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class AsyncDetectorClient:
+    """The asyncio client (tritonclient's ``grpc.aio``): ``await client.detect(images)``; run many with
+    ``asyncio.gather``. Same arguments, answers and errors as :class:`DetectorClient`."""
+
+    def __init__(self, url: str, model: str = ENSEMBLE, timeout_s: float = 30.0) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
+
+        self._grpc = grpcclient
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.client = aioclient.InferenceServerClient(url)
+
+    async def detect(self, images: np.ndarray) -> Detection:
+        from tritonclient.utils import InferenceServerException
+
+        inputs, outputs = _inputs(self._grpc, images)
+        try:
+            result = await self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            raise _server_error(e, self.url) from None
+        return parse(result, len(images))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def __aenter__(self) -> "AsyncDetectorClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

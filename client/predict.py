@@ -9,13 +9,6 @@ from client.grpc_client import ENSEMBLE, DetectorClient
 from kernels.errors import InvalidInputError
 
 
-def input_shape(client: DetectorClient) -> tuple[int, int, int]:
-    """``(C, H, W)`` the served model expects, from the server's model metadata."""
-    meta = client.client.get_model_metadata(client.model, as_json=True)
-    dims = [int(d) for d in meta["inputs"][0]["shape"]]
-    return tuple(dims[-3:])  # type: ignore[return-value]
-
-
 def load_images(paths: list[Path], shape: tuple[int, int, int]) -> tuple[np.ndarray, list[str]]:
     """Images as ``(N, C, H, W) float32`` in [0, 1], resized to the served shape, with their names."""
     from PIL import Image
@@ -50,12 +43,13 @@ def load_images(paths: list[Path], shape: tuple[int, int, int]) -> tuple[np.ndar
     return np.concatenate(arrays), names
 
 
-def predict(url: str, paths: list[Path], model: str = ENSEMBLE) -> str:
-    with DetectorClient(url, model) as client:
-        images, names = load_images(paths, input_shape(client))
+def predict(url: str, paths: list[Path], model: str = ENSEMBLE, timeout_s: float = 30.0) -> str:
+    """The server's verdict for each image of ``paths``, one line each."""
+    with DetectorClient(url, model, timeout_s) as client:
+        images, names = load_images(paths, client.input_shape())
         result = client.detect(images)
     lines = [f"{'image':<28} {'label':>6} {'confidence':>10} {'score':>8}  verdict"]
     for i, name in enumerate(names):
-        verdict = "ATTACKED" if result.is_attacked[i] else "clean"
+        verdict = ("not checked" if not result.checked[i] else "ATTACKED" if result.is_attacked[i] else "clean")
         lines.append(f"{name:<28} {result.label[i]:>6} {result.confidence[i]:>10.3f} {result.score[i]:>8.2f}  {verdict}")
     return "\n".join(lines)

@@ -6,6 +6,10 @@ Python backend and the stub for the running Python; ``LD_LIBRARY_PATH`` with the
 Python's ``LIBDIR``; the environment's ``bin`` first on ``PATH``; loopback addresses, free ports and a
 unique shared-memory prefix so that parallel servers and leftovers do not collide.
 
+To run another Triton install instead (NVIDIA's container, whose onnxruntime backend the ``gpu``
+profile needs), set ``NFP_TRITONSERVER`` to its ``tritonserver`` binary and ``NFP_TRITON_BACKENDS`` to
+its backend directory (``/opt/tritonserver/bin/tritonserver`` and ``/opt/tritonserver/backends`` there).
+
 Example::
 
     with TritonServer(repository) as server:
@@ -88,6 +92,8 @@ class TritonServer:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def _backend_dir(self) -> Path:
+        if os.environ.get("NFP_TRITON_BACKENDS"):  # a full Triton install, e.g. NVIDIA's container
+            return Path(os.environ["NFP_TRITON_BACKENDS"])
         root = pytriton_root()
         self._workdir = tempfile.TemporaryDirectory(prefix="nfp-triton-")
         python = Path(self._workdir.name) / "backends" / "python"
@@ -102,6 +108,8 @@ class TritonServer:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if os.environ.get("NFP_TRITONSERVER"):
+            return env
         libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(libs), sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")) if p)
@@ -109,7 +117,7 @@ class TritonServer:
         return env
 
     def start(self) -> "TritonServer":
-        binary = pytriton_root() / "bin" / "tritonserver"
+        binary = os.environ.get("NFP_TRITONSERVER") or pytriton_root() / "bin" / "tritonserver"
         cmd = [str(binary), f"--model-repository={self.repository}", f"--backend-directory={self._backend_dir()}",
                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
                "--http-address=127.0.0.1", f"--http-port={self.http_port}",

@@ -6,14 +6,24 @@ Data, classifier, attacks and activation capture; the stages write one output fo
     from export import capture_activations
     acts, layout = capture_activations(model, images, ["fc1", "fc2:input"])
 """
-from export.activations import ActivationLayout, LayerSlice, capture_activations, default_layers
-from export.attacks import AttackSpec, attack_defaults, attack_into_classes, run_attack
-from export.datasets import Dataset, Splits, load_dataset, split_dataset
-from export.models import ClassifierSpec, load_checkpoint, load_weights
-from export.training import TrainingConfig, train_classifier
+from importlib import import_module
 
-__all__ = [
-    "ActivationLayout", "AttackSpec", "ClassifierSpec", "Dataset", "LayerSlice", "Splits", "TrainingConfig",
-    "attack_defaults", "attack_into_classes", "capture_activations", "default_layers", "load_checkpoint",
-    "load_dataset", "load_weights", "run_attack", "split_dataset", "train_classifier",
-]
+# Imported on first use (PEP 562), so that torch-free parts (``nfp predict``, the repository writer,
+# the command line's parser) do not load torch through this package.
+_EXPORTS = {
+    "ActivationLayout": "export.activations", "LayerSlice": "export.activations",
+    "capture_activations": "export.activations", "default_layers": "export.activations",
+    "AttackSpec": "export.attacks", "attack_defaults": "export.attacks", "attack_into_classes": "export.attacks",
+    "run_attack": "export.attacks",
+    "Dataset": "export.datasets", "Splits": "export.datasets", "load_dataset": "export.datasets",
+    "split_dataset": "export.datasets",
+    "ClassifierSpec": "export.models", "load_checkpoint": "export.models", "load_weights": "export.models",
+    "TrainingConfig": "export.training", "train_classifier": "export.training",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'export' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

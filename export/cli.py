@@ -15,9 +15,23 @@ from kernels.errors import FingerprintError
 DEFAULT_OUT = Path("runs/default")
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder of the pipeline (default: %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars (and, for serve and demo, no server log)")
+
+
+def json_object(text: str) -> dict:
+    """argparse type of ``--factory-kwargs``: a JSON object, with the parser's error named."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"width\": 2}}', got {text!r}")
+    return value
 
 
 def _add_prepare(p: argparse.ArgumentParser) -> None:
@@ -38,7 +52,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     d = TrainingConfig()
     p.add_argument("--factory", help="your model: 'package.module:function' returning an nn.Module that maps "
                                      "(B, C, H, W) images in [0, 1] to logits (default: the built-in small CNN)")
-    p.add_argument("--factory-kwargs", type=json.loads, default={}, help="JSON keyword arguments for --factory")
+    p.add_argument("--factory-kwargs", type=json_object, default={},
+                   help="keyword arguments for --factory, a JSON object, e.g. '{\"width\": 2}'")
     p.add_argument("--weights", type=Path, help="a state_dict for the model: load it instead of training")
     p.add_argument("--pretrained", action="store_true",
                    help="the factory returns a trained model (e.g. --factory efficientnet-lite0): use it as is")
@@ -89,14 +104,14 @@ def _add_search(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
-    from export.pipeline import DEFAULT_M
+    from export.pipeline import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M
     from kernels.calibration import DEFAULT_FPRS
 
     p.add_argument("--m", type=int, default=DEFAULT_M, help="fingerprints drawn per input (default: %(default)s)")
     p.add_argument("--fprs", type=float, nargs="+", default=list(DEFAULT_FPRS),
                    help="false-positive rates to calibrate (default: %(default)s)")
     p.add_argument("--calibration-seed", type=int, default=0, help="seed of the draws while calibrating (default: %(default)s)")
-    p.add_argument("--calibration-repeats", type=int, default=10,
+    p.add_argument("--calibration-repeats", type=int, default=DEFAULT_CALIBRATION_REPEATS,
                    help="independent draws per calibration image, pooled (default: %(default)s)")
 
 
@@ -132,6 +147,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default: %(default)s)")
     p.add_argument("--model", default="guarded_classifier",
                    help="guarded_classifier (the ensemble) or guarded_classifier_fused (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default: %(default)s)")
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
@@ -154,50 +170,74 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
                    help="served model to attack with --url (default: %(default)s)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+STAGES = {  # name: (help, option groups)
+    "prepare": ("load a data set and make the seeded fit / calibration / test splits", [_add_out, _add_prepare]),
+    "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train]),
+    "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)",
+               [_add_out, _add_quiet, _add_attack]),
+    "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture]),
+    "search": ("search each class's fingerprints and write the bank", [_add_out, _add_quiet, _add_search]),
+    "calibrate": ("set detection thresholds on the calibration split", [_add_out, _add_quiet, _add_calibrate]),
+    "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_out, _add_quiet, _add_evaluate]),
+    "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
+               [_add_out, _add_export]),
+    "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_out, _add_quiet, _add_serve]),
+    "whitebox": ("the white-box attacker: what the server's random draws catch among images that passed a "
+                 "local detector (filter), and detector-aware PGD; offline or against a running server",
+                 [_add_out, _add_quiet, _add_whitebox]),
+    "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
+                [_add_predict]),
+    "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results",
+             [_add_out, _add_quiet]),
+    "pipeline": ("run every stage in order, then the demo (the README's main job)",
+                 [_add_out, _add_quiet, _add_prepare, _add_train, _add_attack, _add_capture, _add_search,
+                  _add_calibrate, _add_evaluate, _add_export]),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser. Given ``argv``, only the named sub-command's options are built: their defaults come
+    from modules that load torch, which ``nfp predict`` and ``nfp --help`` do not need."""
     parser = argparse.ArgumentParser(
         prog="nfp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    stages = {
-        "prepare": ("load a data set and make the seeded fit / calibration / test splits", [_add_prepare]),
-        "train": ("train the classifier on the fit split, or load your model's weights", [_add_train]),
-        "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)", [_add_attack]),
-        "capture": ("capture the fingerprinted layers' activations of every image set", [_add_capture]),
-        "search": ("search each class's fingerprints and write the bank", [_add_search]),
-        "calibrate": ("set detection thresholds on the calibration split", [_add_calibrate]),
-        "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_evaluate]),
-        "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
-                   [_add_export]),
-        "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_serve]),
-        "whitebox": ("the white-box attacker: what the server's random draws catch among images that passed a "
-                     "local detector (filter), and detector-aware PGD; offline or against a running server",
-                     [_add_whitebox]),
-        "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
-                    [_add_predict]),
-        "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results", []),
-        "pipeline": ("run every stage in order, then the demo (the README's main job)",
-                     [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate,
-                      _add_export]),
-    }
-    for name, (help_text, adders) in stages.items():
+    chosen = next((a for a in argv if a in STAGES), None) if argv is not None else None
+    for name, (help_text, adders) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_common(p)
-        for add in adders:
-            add(p)
+        if argv is None or name == chosen:
+            for add in adders:
+                add(p)
     return parser
 
 
 def run(args: argparse.Namespace) -> None:
+    cmd = args.command
+    if cmd == "predict":
+        from client.predict import predict
+
+        print(predict(args.url, args.inputs, args.model, args.timeout))
+        return
+    if cmd == "serve":
+        serve(args)
+        return
+
+    from export.workspace import Workspace
+
+    ws, progress = Workspace(args.out), not args.quiet
+    if cmd == "demo":
+        from client.demo import format_report, run_demo
+
+        print(format_report(run_demo(ws.root, verbose=False, progress=progress)))
+        return
+
     import torch
 
     from export import pipeline
     from export.training import TrainingConfig
-    from export.workspace import Workspace
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    ws, progress, cmd = Workspace(args.out), not args.quiet, args.command
     report = {}
     if cmd in ("prepare", "pipeline"):
         report["prepare"] = pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes)
@@ -220,30 +260,23 @@ def run(args: argparse.Namespace) -> None:
                               keep=args.keep, method=args.search_method, seed=args.search_seed)
         report["search"] = pipeline.search(ws, config, progress)
     if cmd in ("calibrate", "pipeline"):
-        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats)
+        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats,
+                                                 progress)
     table = None
     if cmd in ("evaluate", "pipeline"):
         table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
         report["evaluate"] = f"{ws.root}/report/evaluation.md, evaluation.json, roc.png"
     if cmd in ("export", "pipeline"):
         report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
-    if cmd == "serve":
-        serve(ws, args)
-        return
     if cmd == "whitebox":
         print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values, args.bank_sizes, args.adaptive_eps,
-                                args.adaptive_count, args.adaptive_weight, args.url, args.model)["table"])
-        return
-    if cmd == "predict":
-        from client.predict import predict
-
-        print(predict(args.url, args.inputs, args.model))
+                                args.adaptive_count, args.adaptive_weight, args.url, args.model, progress)["table"])
         return
     served = None
-    if cmd in ("demo", "pipeline"):
+    if cmd == "pipeline":
         from client.demo import format_report, run_demo
 
-        served = run_demo(ws.root)
+        served = run_demo(ws.root, progress=progress)
         report["demo"] = served
     print(json.dumps(report, indent=2))
     if table:
@@ -254,7 +287,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
 
 
-def serve(ws, args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace) -> None:
     """Write the repository and run the server in the foreground until Ctrl-C (or SIGTERM)."""
     import signal
     import time
@@ -263,12 +296,12 @@ def serve(ws, args: argparse.Namespace) -> None:
     from export.repository import ServingConfig, write_repository
 
     cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused)
-    repo = write_repository(ws.root, ws.root / "repository" / args.profile, args.profile, cfg)
+    repo = write_repository(args.out, args.out / "repository" / args.profile, args.profile, cfg)
     print(f"model repository: {repo}", file=sys.stderr)
     if args.write_only:
         return
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=True)
+    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=not args.quiet)
     try:
         server.start()
         models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")
@@ -283,7 +316,8 @@ def serve(ws, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         run(args)
     except FingerprintError as e:

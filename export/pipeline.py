@@ -249,7 +249,7 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
 
 
 def calibrate_draws(acts: np.ndarray, predicted: np.ndarray, bank: Bank, m: int, fprs: Sequence[float], seed: int,
-                    repeats: int) -> tuple[dict[str, Calibration], np.ndarray]:
+                    repeats: int, progress: bool = False) -> tuple[dict[str, Calibration], np.ndarray]:
     """Calibrations of every score method for draws of ``m``, from the calibration split's activations
     ``acts`` and predicted labels.
 
@@ -261,7 +261,10 @@ def calibrate_draws(acts: np.ndarray, predicted: np.ndarray, bank: Bank, m: int,
         raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
     acts, predicted = acts[keep], predicted[keep]
     rng = np.random.default_rng(seed)
-    runs = [score(acts, predicted, bank, m, rng) for _ in range(repeats)]
+    from tqdm.auto import tqdm
+
+    runs = [score(acts, predicted, bank, m, rng)
+            for _ in tqdm(range(repeats), desc=f"calibrate m={m}", unit="draw", disable=not progress)]
     labels, images = np.tile(predicted, repeats), np.tile(np.arange(len(predicted)), repeats)
     cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
                                        method, m, fprs, image_ids=images)
@@ -270,7 +273,7 @@ def calibrate_draws(acts: np.ndarray, predicted: np.ndarray, bank: Bank, m: int,
 
 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
-              repeats: int = DEFAULT_CALIBRATION_REPEATS) -> dict[str, Any]:
+              repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
     """Thresholds for each false-positive rate, from the calibration split's clean images, under the
     same random drawing of ``m`` fingerprints per image used at test time; stored in ``bank.json``.
 
@@ -280,7 +283,7 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     started = time.time()
     bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
-    cal, keep = calibrate_draws(acts, meta["predicted"], bank, m, fprs, seed, repeats)
+    cal, keep = calibrate_draws(acts, meta["predicted"], bank, m, fprs, seed, repeats, progress)
     bank = bank.with_meta(calibration={k: c.to_json() for k, c in cal.items()}, draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
@@ -361,8 +364,8 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
 
 def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None,
              bank_sizes: Sequence[int] | None = None, adaptive_eps: Sequence[float] = (), adaptive_count: int = 100,
-             adaptive_weight: float = 1.0, url: str | None = None, model: str = "guarded_classifier"
-             ) -> dict[str, Any]:
+             adaptive_weight: float = 1.0, url: str | None = None, model: str = "guarded_classifier",
+             progress: bool = True) -> dict[str, Any]:
     """The white-box experiment of :mod:`export.whitebox`; writes ``report/whitebox.{json,md,png}``
     (``report/whitebox_served.*`` against a running server).
 
@@ -398,9 +401,13 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
     calibration, cal_meta = load_activation_set(ws, "calibration", mmap=False)
     evals = {label: (*load_activation_set(ws, f"eval_{label}"),  # memory-mapped: rows are copied when used
                      ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")) for label in summary["eval"]}
+    from tqdm.auto import tqdm
+
+    steps = tqdm(total=len(banks) * len(m_values), desc="whitebox filter", unit="setting", disable=not progress)
     for bank in banks:
         size = int(bank.counts.max())
         for m in m_values:
+            steps.update()
             if client is None:
                 cals, keep = calibrate_draws(calibration, cal_meta["predicted"], bank, m, (fpr,), seed,
                                              DEFAULT_CALIBRATION_REPEATS)
@@ -422,6 +429,7 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
                     e = r[local]
                     lines.append(f"| {size} | {m} | {label} | {r['attacked']} | {local} | {e['passed_local']} "
                                  f"| {e['flagged_by_server']} | {_evasion_cell(e)} |")
+    steps.close()
     results["filter_pooled"] = pooled(results["filter"])
     summary_lines = ["| bank size | m | local detector | attacked | passed locally | still flagged by the server "
                      "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|"]
@@ -433,7 +441,7 @@ def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence
              + "\n".join(summary_lines) + "\n\nPer attack:\n\n" + "\n".join(lines) + "\n")
     if adaptive_eps:
         results["adaptive"], adaptive_table = adaptive(ws, banks, fpr, seed, m_values, adaptive_eps, adaptive_count,
-                                                       adaptive_weight, client)
+                                                       adaptive_weight, client, progress)
         table += "\n## Detector-aware PGD\n\n" + adaptive_table
     if client is not None:
         results["server"]["label_mismatches"] = mismatches
@@ -459,7 +467,8 @@ def _evasion_cell(e: dict[str, Any]) -> str:
 
 
 def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_values: Sequence[int],
-             eps_values: Sequence[float], count: int, weight: float, client=None) -> tuple[list[dict[str, Any]], str]:
+             eps_values: Sequence[float], count: int, weight: float, client=None,
+             progress: bool = False) -> tuple[list[dict[str, Any]], str]:
     """Strategy 2: detector-aware PGD (weight > 0) against each bank, beside plain PGD (weight 0), on
     ``count`` test images; scored against the static detector of the bank and randomized servers
     (replayed offline for each ``m``, or the running server behind ``client``)."""
@@ -477,7 +486,9 @@ def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_valu
     names = ["server"] if client else [f"random_m{m}" for m in m_values]
     lines = ["| eps | detector weight | bank size | attacked | misclassified | evade static | "
              + " | ".join(f"evade {n}" for n in names) + " |", "|---" * (6 + len(names)) + "|"]
-    for eps in eps_values:
+    from tqdm.auto import tqdm
+
+    for eps in tqdm(eps_values, desc="detector-aware PGD", unit="eps", disable=not progress):
         plain = detector_aware_pgd(model, layout, banks[0], x, y, eps, weight=0.0, seed=seed)  # needs no bank
         for bank in banks:
             keep = covered(cal_meta["predicted"], bank, 1)

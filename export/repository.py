@@ -11,8 +11,9 @@ Tensor names are the ONNX graph's (``images``, ``logits``, ``activations``), so 
 ensemble configs are the same in both profiles. Models:
 
 - ``classifier``: images -> logits, activations;
-- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, fingerprint_ids;
-- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, fingerprint_ids;
+- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, checked,
+  fingerprint_ids;
+- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, checked, fingerprint_ids;
 - ``guarded_classifier_fused`` (cpu profile, when ``ServingConfig.fused``): the same inputs and outputs
   from one Python-backend step running both the classifier and the detector.
 """
@@ -80,7 +81,7 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
     logits, acts = _tensor("logits", "TYPE_FP32", [c]), _tensor("activations", "TYPE_FP32", [d])
     results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
                _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
-               _tensor("fingerprint_ids", "TYPE_INT64", [m])]
+               _tensor("checked", "TYPE_BOOL", [1]), _tensor("fingerprint_ids", "TYPE_INT64", [m])]
     head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
     if profile == "cpu":
         classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images]) + _io("output", [logits, acts])
@@ -95,7 +96,7 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
                 + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
-    names = ["label", "probabilities", "score", "is_attacked", "fingerprint_ids"]
+    names = ["label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids"]
     ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + _io("input", [images]) + _io("output", results)
                 + "ensemble_scheduling {\n  step [\n"
                 + f'    {{ model_name: "{CLASSIFIER}" model_version: -1\n'

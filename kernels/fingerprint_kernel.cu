@@ -1,4 +1,6 @@
 // Randomized fingerprint detection in one launch (Fisher, Shahar & Resheff, 2024, Sec. 3.3).
+// Two kernels: `fingerprint_scores` (values and all three scores, for evaluation) and
+// `fingerprint_lrt` (the likelihood-ratio score alone, what a server flags on).
 //
 // One block per image; its threads stride over the image's m drawn fingerprints. Each thread
 // gathers the fingerprint's neurons from the image's activation row, averages them (the
@@ -68,5 +70,55 @@ extern "C" __global__ void fingerprint_scores(
         scores[(size_t)b * 3 + 0] = partial[0] / (float)m;
         scores[(size_t)b * 3 + 1] = partial[n] / (float)m;
         scores[(size_t)b * 3 + 2] = partial[2 * n] / (float)m - HALF_LOG_2PI;
+    }
+}
+
+// The serving launch: the LRT score alone, each drawn fingerprint's Gaussians read from the packed
+// (5, F) table of kernels/bank.py (Bank.lrt_params: clean mean, 1 / clean std, attacked mean,
+// 1 / attacked std, log(attacked std / clean std)), so a draw costs five loads and no logf. One block
+// per image; the launcher sizes blockDim.x to m (a power of two, 32 to 128 threads), so small draws
+// do not leave most threads idle. Dynamic shared memory holds blockDim.x floats.
+extern "C" __global__ void fingerprint_lrt(
+    const float* __restrict__ acts,           // (B, D) activations
+    const long long* __restrict__ ids,        // (B, m) drawn fingerprint rows
+    const int* __restrict__ indices,          // (F, kmax) neuron ids, padded past lengths[f]
+    const int* __restrict__ lengths,          // (F,)
+    const float* __restrict__ params,         // (5, F) packed Gaussians
+    const int num_fingerprints,
+    const int num_neurons,
+    const int m,
+    const int kmax,
+    float* __restrict__ lrt_out)              // (B,) out: mean log-likelihood ratio
+{
+    extern __shared__ float partial[];
+    const int b = blockIdx.x;
+    const float* row = acts + (size_t)b * num_neurons;
+    const size_t nf = (size_t)num_fingerprints;
+    float lrt = 0.0f;
+
+    for (int j = threadIdx.x; j < m; j += blockDim.x) {
+        const long long f = ids[(size_t)b * m + j];
+        const int* neurons = indices + (size_t)f * kmax;
+        const int len = lengths[f];
+        float sum = 0.0f;
+        for (int t = 0; t < len; ++t) {
+            sum += __ldg(row + neurons[t]);
+        }
+        const float v = sum / (float)len;
+        const float zc = (v - params[f]) * params[nf + f];
+        const float za = (v - params[2 * nf + f]) * params[3 * nf + f];
+        lrt += 0.5f * (za * za - zc * zc) + params[4 * nf + f];
+    }
+
+    partial[threadIdx.x] = lrt;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+        if ((int)threadIdx.x < stride) {
+            partial[threadIdx.x] += partial[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        lrt_out[b] = partial[0] / (float)m;
     }
 }

@@ -126,6 +126,16 @@ def _csr_constants(rows: int, kmax: int, weight: float) -> tuple[np.ndarray, np.
     return data, indptr
 
 
+def flat_columns(neurons: np.ndarray, width: int) -> np.ndarray:
+    """Positions in a flattened ``(B, width)`` batch of the neuron ids ``neurons (B, ...)`` of each row:
+    ``neurons[b] + b * width``, int32 while every position fits, int64 past ``2^31 - 1`` (whole splits
+    of ImageNet-size layers get there)."""
+    b = neurons.shape[0]
+    dtype = np.int32 if b * width <= np.iinfo(np.int32).max else np.int64
+    offsets = np.arange(b, dtype=dtype) * dtype(width)
+    return neurons.astype(dtype, copy=False) + offsets.reshape((b,) + (1,) * (neurons.ndim - 1))
+
+
 def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     """``(B, m) float32`` mean of ``acts[b]`` over the neurons of fingerprint ``ids[b, j]``.
 
@@ -143,8 +153,7 @@ def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
         padded = np.zeros((b, d + 1), np.float32)
         padded[:, :d] = acts
         src, width = padded.ravel(), d + 1
-    cols = bank.indices[ids]  # (B, m, Kmax) int32
-    cols += (np.arange(b, dtype=np.int32) * width)[:, None, None]
+    cols = flat_columns(bank.indices[ids], width)  # (B, m, Kmax)
     if cols.size <= SMALL_GATHER:  # building the sparse matrix costs more than it saves
         sums = src.take(cols).sum(axis=2, dtype=np.float32)
         return sums / np.float32(kmax) if uniform else sums / bank.lengths[ids]

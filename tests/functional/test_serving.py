@@ -50,14 +50,6 @@ def test_served_results_equal_the_offline_pipeline_for_the_same_draws(served, mn
     np.testing.assert_allclose(result.probabilities.sum(1), 1, atol=1e-5)
 
 
-def test_two_identical_requests_draw_different_fingerprints(served, mnist_subset):
-    _, _, client = served
-    x = mnist_subset[0][:1]
-    a, b = client.detect(x), client.detect(x)
-    assert a.label == b.label
-    assert not np.array_equal(a.fingerprint_ids, b.fingerprint_ids)
-
-
 def test_attacked_images_are_flagged_and_clean_ones_pass(served, mnist):
     out, _, client = served
     with np.load(out / "attacks" / "eval" / "pgd_eps0.3.npz") as adv:

@@ -79,11 +79,27 @@ def test_attacked_rows_score_below_the_calibrated_threshold(bank, make_rows):
     assert tpr > 0.95
 
 
-def test_two_identical_requests_draw_different_fingerprints(bank, make_rows):
+def test_default_draws_are_seeded_from_the_os_csprng(bank, make_rows, monkeypatch):
+    """Without a generator, draws come from 128 bits of :mod:`secrets`: pinning that source pins the
+    draws (so it is the only source), and the real source gives other draws on every call."""
+    import kernels.scoring
+
     acts, y = make_rows(4, 0, False)
-    a, b = score(acts, y, bank, 32), score(acts, y, bank, 32)
-    assert not np.array_equal(a.ids, b.ids)
-    assert isinstance(secure_rng(), np.random.Generator)
+    asked = []
+    monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: asked.append(bits) or 12345)
+    pinned = score(acts, y, bank, 32).ids
+    np.testing.assert_array_equal(pinned, draw_fingerprints(y, bank, 32, np.random.default_rng(12345)))
+    assert asked == [128]
+    monkeypatch.undo()
+    assert not np.array_equal(score(acts, y, bank, 32).ids, pinned)
+
+
+def test_draws_are_uniform_over_the_class(bank):
+    from scipy import stats
+
+    counts = np.bincount(draw_fingerprints(np.zeros(2000, np.int64), bank, 100, secure_rng()).ravel(),
+                         minlength=bank.class_offsets[1])
+    assert stats.chisquare(counts).pvalue > 1e-4 and counts.sum() == 200_000
 
 
 def test_draws_stay_inside_the_predicted_class(bank, make_rows):
@@ -110,3 +126,18 @@ def test_given_draws_outside_the_class_are_refused(bank, make_rows):
     acts, y = make_rows(2, 0, False)
     with pytest.raises(InvalidInputError, match="out of range"):
         score(acts, np.array([0, 0]), bank, 1, ids=np.full((2, 1), bank.num_fingerprints - 1))
+
+
+def test_flattened_positions_do_not_wrap_past_int32():
+    """Scoring a whole split of an ImageNet-size layer flattens more than 2^31 activations; the gather
+    positions must not wrap around (they did in int32: row 2 below pointed at a negative position)."""
+    from kernels.scoring import flat_columns
+
+    width = 2**30 + 1
+    neurons = np.array([[[0, 5]], [[7, width - 1]], [[3, width - 2]]], np.int32)  # (B=3, m=1, k=2)
+    expected = [[[b * width + int(n) for n in row] for row in neurons[b]] for b in range(3)]  # Python ints
+    cols = flat_columns(neurons, width)
+    assert cols.dtype == np.int64 and cols.tolist() == expected
+    small = flat_columns(neurons, 100)
+    assert small.dtype == np.int32 and small.tolist() == [[[b * 100 + int(n) for n in r] for r in neurons[b]]
+                                                          for b in range(3)]

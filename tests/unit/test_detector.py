@@ -40,24 +40,19 @@ def test_a_bank_bound_to_another_model_is_refused(bank_dir):
     (logits_for([0, 1]), np.zeros((2, 300), np.float64), "float32"),
     (logits_for([0, 1]), np.array([[0] * 300, [0] * 5 + [np.nan] * 295], np.float32), r"rows \[1\]"),
     (np.full((2, 3), np.nan, np.float32), np.zeros((2, 300), np.float32), "logits hold NaN"),
-    (np.zeros((2, 4), np.float32), np.zeros((2, 300), np.float32), r"logits must have shape \(B, 3\)"),
-    (logits_for([0, 2]), np.zeros((2, 300), np.float32), r"class\(es\) \[2\] have no fingerprints"),
+    (np.zeros((2, 4), np.float32), np.zeros((2, 300), np.float32), r"logits must have shape \(2, 3\)"),
+    (logits_for([0]), np.zeros((2, 300), np.float32), r"logits must have shape \(2, 3\)"),
 ])
 def test_each_problem_of_a_request_is_named(bank_dir, logits, acts, message):
     with pytest.raises(FingerprintError, match=message):
         Detector(bank_dir, SHA).check(logits, acts)
 
 
-def test_host_activations_are_checked_on_the_gpu_path_too(bank_dir):
-    det = Detector(bank_dir, SHA)
-    det.gpu = object()  # stands in for the GpuScorer, which check() never calls
-    with pytest.raises(FingerprintError, match="float32"):
-        det.check(logits_for([0, 1]), np.zeros((2, 300), np.float64))
-
-
 def test_a_good_request_gets_its_predicted_labels(bank_dir):
     acts = np.random.default_rng(0).random((2, 300), dtype=np.float32)
-    np.testing.assert_array_equal(Detector(bank_dir, SHA).check(logits_for([1, 0]), acts), [1, 0])
+    labels, checked_acts = Detector(bank_dir, SHA).check(logits_for([1, 0]), acts)
+    np.testing.assert_array_equal(labels, [1, 0])
+    assert checked_acts is acts
 
 
 def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
@@ -71,15 +66,39 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     # float32 served score vs float64 offline: an absolute floor, since a random draw can land near z = 0
     np.testing.assert_allclose(d.score, z, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(d.is_attacked, z < det.calibration.threshold(0.05, d.labels))
-    assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0
+    assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0 and d.checked.all()
     first, out = d.per_request([3, 2])
     np.testing.assert_array_equal(first["fingerprint_ids"], d.fingerprint_ids[:3])
     assert {k: v.shape for k, v in out.items()} == {"label": (2, 1), "probabilities": (2, 3), "score": (2, 1),
-                                                     "is_attacked": (2, 1), "fingerprint_ids": (2, M)}
+                                                     "is_attacked": (2, 1), "checked": (2, 1),
+                                                     "fingerprint_ids": (2, M)}
     np.testing.assert_allclose(out["probabilities"].sum(1), 1, rtol=1e-6)
 
 
-def test_two_detectors_draw_differently_for_the_same_input(bank_dir):
-    acts = [np.random.default_rng(3).random((1, 300), dtype=np.float32)]
-    a, b = (Detector(bank_dir, SHA).detect(logits_for([1]), np.array([1]), acts) for _ in range(2))
-    assert not np.array_equal(a.fingerprint_ids, b.fingerprint_ids)
+def test_an_image_of_a_class_without_fingerprints_is_answered_unchecked_beside_the_others(bank_dir):
+    """A partial bank: one image predicted as class 2 (no fingerprints) must not cost the request's
+    other images their verdicts."""
+    det = Detector(bank_dir, SHA, false_positive_rate=0.05)
+    acts = np.random.default_rng(4).random((3, 300), dtype=np.float32)
+    logits = logits_for([0, 2, 1])
+    labels, acts = det.check(logits, acts)
+    d = det.detect(logits, labels, [acts])
+    assert d.checked.tolist() == [True, False, True] and d.labels.tolist() == [0, 2, 1]
+    assert np.isnan(d.score[1]) and not d.is_attacked[1] and (d.fingerprint_ids[1] == -1).all()
+    rows = [0, 2]
+    offline = score(acts[rows], d.labels[rows], det.bank, M, ids=d.fingerprint_ids[rows])
+    np.testing.assert_allclose(d.score[rows], det.calibration.standardize(offline.lrt, d.labels[rows]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_detector_seeds_its_draws_from_the_os_csprng(bank_dir, monkeypatch):
+    """Two detectors started alike draw alike only when their seed source is pinned: the seed comes
+    from :mod:`secrets`, not from anything two server starts share."""
+    import kernels.scoring
+
+    acts, logits = [np.random.default_rng(3).random((1, 300), dtype=np.float32)], logits_for([1])
+    first = lambda: Detector(bank_dir, SHA).detect(logits, np.array([1]), acts).fingerprint_ids  # noqa: E731
+    monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: 99)
+    np.testing.assert_array_equal(first(), first())
+    monkeypatch.undo()
+    assert not np.array_equal(first(), first())

@@ -21,7 +21,8 @@ def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
     assert [o.name for o in classifier.output] == ["logits", "activations"]
     assert list(classifier.output[1].dims) == [300]
     assert [i.name for i in detector.input] == ["logits", "activations"]
-    assert list(detector.output[4].dims) == [32]
+    assert [o.name for o in detector.output][4:] == ["checked", "fingerprint_ids"]
+    assert list(detector.output[5].dims) == [32]
     assert ensemble.platform == "ensemble" and len(ensemble.ensemble_scheduling.step) == 2
     assert detector.parameters["model_sha256"].string_value == "ab" * 32
     kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if profile == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU

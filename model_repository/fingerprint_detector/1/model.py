@@ -9,11 +9,14 @@ DLPack), and returns:
 - ``label (1,) int64``, ``probabilities (num_classes,) float32`` (softmax of the logits);
 - ``score (1,) float32``: the likelihood-ratio score standardized for the predicted class (low = attacked);
 - ``is_attacked (1,) bool``: score below the threshold calibrated for the configured false-positive rate;
+- ``checked (1,) bool``: whether the input could be checked (False where the predicted class has fewer
+  than ``m`` fingerprints; then ``score`` is NaN and ``is_attacked`` False);
 - ``fingerprint_ids (m,) int64``: the draws of this request. They are fresh for every request, so
   knowing past draws does not tell an attacker the next ones; tests replay them offline.
 
 Requests of one ``execute`` call are scored together; a request with bad activations gets its own
-error. Detection counts and kernel time are exported as Prometheus metrics.
+error, on ``KIND_GPU`` too (each request's GPU tensor is checked on its own), and every image of a good
+request is answered. Detection counts and kernel time are exported as Prometheus metrics.
 """
 import json
 from pathlib import Path
@@ -40,7 +43,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.detector = Detector(Path(args["model_repository"]) / args["model_version"] / "bank",
                                  params["model_sha256"], float(params.get("false_positive_rate", "0.01")),
-                                 gpu=args.get("model_instance_kind") == "GPU")
+                                 gpu=args.get("model_instance_kind") == "GPU",
+                                 device_id=int(args.get("model_instance_device_id", "0")))
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
 
     def execute(self, requests):
@@ -51,11 +55,12 @@ class TritonPythonModel:
             a = pb_utils.get_input_tensor_by_name(request, "activations")
             a = a.as_numpy() if self.detector.gpu is None or a.is_cpu() else a
             try:
-                labels.append(self.detector.check(z, a))
+                label, a = self.detector.check(z, a)
             except FingerprintError as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             logits.append(z)
+            labels.append(label)
             acts.append(a)
             owners.append((i, len(z)))
         if not owners:

@@ -1,7 +1,7 @@
 """Triton Python-backend model: classifier and fingerprint detector in one step (cpu profile, optional).
 
 Same inputs and outputs as the ``guarded_classifier`` ensemble (``images`` -> ``label``,
-``probabilities``, ``score``, ``is_attacked``, ``fingerprint_ids``) and the same detection
+``probabilities``, ``score``, ``is_attacked``, ``checked``, ``fingerprint_ids``) and the same detection
 (``kernels.detector.Detector``), but the ONNX classifier and the detector run in one ``execute`` of
 one Python stub, so the activations never leave the process and no second ensemble step is
 scheduled. On the pip-installed server, where the classifier is itself a Python-backend model, this
@@ -48,26 +48,26 @@ class TritonPythonModel:
         if not owners:
             return responses
         logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(images)})
-        rows, labels, checked = [], [], []
+        rows, labels, answered = [], [], []
         start = 0
         for i, n in owners:
             s = slice(start, start + n)
             start += n
             try:
-                labels.append(self.detector.check(logits[s], acts[s]))
+                labels.append(self.detector.check(logits[s], acts[s])[0])
             except FingerprintError as e:
                 responses[i] = error(str(e))
                 continue
             rows.append(s)
-            checked.append((i, n))
-        if not checked:
+            answered.append((i, n))
+        if not answered:
             return responses
         labels = np.concatenate(labels)
-        if len(checked) == len(owners):
+        if len(answered) == len(owners):
             detection = self.detector.detect(logits, labels, [acts])
         else:
             detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), labels, [acts[s] for s in rows])
         self.metrics.record(detection)
-        for (i, _), out in zip(checked, detection.per_request([n for _, n in checked])):
+        for (i, _), out in zip(answered, detection.per_request([n for _, n in answered])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses
