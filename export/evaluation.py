@@ -162,7 +162,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_roc(curves: dict[str, dict], path: Path, fpr: float = 0.01) -> None:
+def plot_roc(curves: dict[str, dict], path: Path, operating_fpr: float = 0.01) -> None:
     """ROC curves, one panel per attack, fingerprints against the gray-pixel baseline."""
     import matplotlib
 
@@ -184,7 +184,7 @@ def plot_roc(curves: dict[str, dict], path: Path, fpr: float = 0.01) -> None:
             ax.plot(fpr, tpr, label=label, ls="--" if "gray" in label else "-")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
-        ax.axvline(fpr, color="gray", lw=0.5)
+        ax.axvline(operating_fpr, color="gray", lw=0.5)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("false-positive rate", fontsize=8)
         ax.set_ylabel("true-positive rate", fontsize=8)

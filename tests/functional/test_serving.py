@@ -92,12 +92,42 @@ def test_bad_requests_get_errors_while_concurrent_good_ones_succeed(served, mnis
     assert client.detect(good).label.shape == (4,), "the server keeps serving"
 
 
-def test_concurrent_clients_all_get_answers(served, mnist_subset):
-    _, _, client = served
-    x = mnist_subset[0]
+def test_concurrent_clients_each_get_their_own_images_answer(served, mnist_subset):
+    """64 single-image requests from 8 threads: each answer must be the label of the image that request
+    sent (a server or client that mixed up responses under concurrency would fail this)."""
+    out, _, client = served
+    x = mnist_subset[0][:64]
+    expected = ort_session(out / "model.onnx").run(["logits"], {"images": x})[0].argmax(1)
     with ThreadPoolExecutor(8) as pool:
-        labels = list(pool.map(lambda i: client.detect(x[i : i + 1]).label[0], range(64)))
-    assert len(labels) == 64
+        labels = list(pool.map(lambda i: int(client.detect(x[i : i + 1]).label[0]), range(64)))
+    assert labels == expected.tolist()
+
+
+def test_async_client_answers_the_same_as_the_offline_model(served, mnist_subset):
+    import asyncio
+
+    from client.grpc_client import AsyncDetectorClient
+
+    out, server, client = served
+    x = mnist_subset[0][:12]
+    expected = ort_session(out / "model.onnx").run(["logits"], {"images": x})[0].argmax(1)
+
+    async def ask():
+        async with AsyncDetectorClient(server.grpc_url, client.model) as aio:
+            return await asyncio.gather(*(aio.detect(x[i : i + 4]) for i in range(0, 12, 4)))
+
+    results = asyncio.run(ask())
+    assert np.concatenate([r.label for r in results]).tolist() == expected.tolist()
+    assert all(r.checked.all() for r in results)
+
+
+def test_a_response_the_client_cannot_parse_fails_its_future_instead_of_hanging(served, mnist_subset):
+    """The ``classifier`` model answers, but not with detection outputs: the future must fail at once."""
+    _, server, _ = served
+    with DetectorClient(server.grpc_url, model="classifier", timeout_s=10) as raw:
+        future = raw.submit(mnist_subset[0][:2])
+        with pytest.raises(RequestError, match="lacks output 'label'|unexpected inference output"):
+            future.result(timeout=10)
 
 
 def test_detection_counts_are_exported_as_prometheus_metrics(served, mnist_subset):

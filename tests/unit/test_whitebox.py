@@ -1,6 +1,23 @@
 """Plumbing of the white-box filter experiment (not its headline number)."""
 import numpy as np
 
+from kernels.bank import Bank
+
+
+def brute_force_static_scores(acts: np.ndarray, labels: np.ndarray, bank: Bank) -> np.ndarray:
+    """The static detector's score, written out in float64 per image and fingerprint: the mean over
+    every fingerprint of the predicted class of log N(v; clean) - log N(v; attacked)."""
+    out = []
+    for x, c in zip(acts.astype(np.float64), labels):
+        terms = []
+        for f in range(bank.class_offsets[c], bank.class_offsets[c + 1]):
+            v = x[bank.indices[f, : bank.lengths[f]]].mean()
+            cm, cs = float(bank.clean_mean[f]), float(bank.clean_std[f])
+            am, as_ = float(bank.attacked_mean[f]), float(bank.attacked_std[f])
+            terms.append(-0.5 * ((v - cm) / cs) ** 2 - np.log(cs) + 0.5 * ((v - am) / as_) ** 2 + np.log(as_))
+        out.append(np.mean(terms))
+    return np.array(out)
+
 from export.whitebox import adaptive_experiment, filter_experiment, static_calibration, static_scores, wilson
 from kernels.calibration import calibrate_threshold
 from kernels.scoring import score
@@ -19,9 +36,9 @@ def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank, make_row
         assert e["flagged_by_server"] + e["evaded_server"] == e["passed_local"]
         lo, hi = e["evasion_ci95"]
         assert lo <= e["evasion_rate"] <= hi
-    static_cal = calibrate_threshold(static_scores(cal_x, cal_y, bank), cal_y, 2, "lrt-static", 0, (0.05,))
-    passed = ~static_cal.is_attacked(static_scores(att_x, att_y, bank), att_y, 0.05)
-    assert passed.sum() == r["static"]["passed_local"]
+    static_cal = calibrate_threshold(brute_force_static_scores(cal_x, cal_y, bank), cal_y, 2, "lrt-static", 0, (0.05,))
+    passed = ~static_cal.is_attacked(brute_force_static_scores(att_x, att_y, bank), att_y, 0.05)
+    assert abs(int(passed.sum()) - r["static"]["passed_local"]) <= 1  # float32 vs float64 at the threshold
 
 
 def test_the_server_sees_exactly_the_images_that_passed_locally(bank, make_rows):
@@ -52,15 +69,13 @@ def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank, make_
     r = adaptive_experiment(bank, {"server": lambda rows: flags[rows]}, static_cal, x, y, true, fpr=0.5)
     assert r["attacked"] == 8 and r["misclassified"] == 4
     assert r["server"]["evaded"] == 2  # rows 1 and 3
-    static_flags = static_cal.is_attacked(static_scores(x, y, bank), y, 0.5)
+    static_flags = static_cal.is_attacked(brute_force_static_scores(x, y, bank), y, 0.5)
     assert r["static"]["evaded"] == int((~static_flags[:4]).sum())
 
 
 def test_static_scores_use_every_fingerprint_of_the_class(bank, make_rows):
     x, y = make_rows(6, 30, False)
-    expected = [score(x[i : i + 1], y[i : i + 1], bank, 1,
-                      ids=np.arange(bank.class_offsets[y[i]], bank.class_offsets[y[i] + 1])[None]).lrt[0] for i in range(6)]
-    np.testing.assert_allclose(static_scores(x, y, bank), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(static_scores(x, y, bank), brute_force_static_scores(x, y, bank), rtol=1e-5, atol=1e-6)
 
 
 def test_wilson_interval_brackets_the_proportion():

@@ -1,0 +1,49 @@
+"""A built wheel serves: it carries the Triton models' code and the CUDA source, so a user who installs
+it (no source tree anywhere on the path) can write a repository and be answered over gRPC."""
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SERVE_ONE = """
+import json, sys
+from pathlib import Path
+import numpy as np
+import export, kernels
+from client.grpc_client import DetectorClient
+from client.server import TritonServer
+from export.repository import write_repository
+
+out, target = Path(sys.argv[1]), Path(sys.argv[2])
+repo = write_repository(out, target, "cpu")
+with np.load(out / "splits.npz") as s, np.load(sys.argv[3]) as d:
+    image = (d["x"][s["test"][:1]].astype(np.float32) / 255)[:, None]
+with TritonServer(repo) as server, DetectorClient(server.grpc_url) as client:
+    r = client.detect(image)
+print(json.dumps({"export": export.__file__, "kernels": kernels.__file__, "label": int(r.label[0]),
+                  "checked": bool(r.checked[0]), "cu": (Path(kernels.__file__).parent / "fingerprint_kernel.cu").is_file()}))
+"""
+
+
+def test_a_wheel_installed_in_a_fresh_environment_writes_a_repository_and_serves(tiny_run, mnist_npz, tmp_path):
+    import json
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True)
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(fresh / "bin" / "python"), "install", "-q", "--no-deps",
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    # the dependencies come from this environment (a path entry, so its editable install of the source
+    # tree is not activated); the project itself only from the wheel
+    site = Path(sysconfig.get_paths(vars={"base": str(fresh)})["purelib"])
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    done = subprocess.run([str(fresh / "bin" / "python"), "-c", SERVE_ONE, str(tiny_run[0]), str(tmp_path / "repo"),
+                           str(mnist_npz)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["export"].startswith(str(fresh)) and result["kernels"].startswith(str(fresh)), result
+    assert result["cu"] and 0 <= result["label"] < 10
