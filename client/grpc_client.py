@@ -89,6 +89,17 @@ def _server_error(e, url: str) -> RequestError:
     return RequestError(message.splitlines()[0] if message else type(e).__name__)
 
 
+def resolve(future: "Future[Detection]", result, error, batch: int, url: str) -> None:
+    """The gRPC callback of :meth:`DetectorClient.submit`: resolve ``future`` on every path. Anything
+    raised here would vanish in gRPC's thread and leave the caller waiting forever."""
+    try:
+        if error is not None:
+            raise _server_error(error, url)
+        future.set_result(parse(result, batch))
+    except Exception as e:
+        future.set_exception(e if isinstance(e, RequestError) else RequestError(f"bad response: {e!r}"))
+
+
 class DetectorClient:
     """Blocking and concurrent calls to one Triton server over gRPC.
 
@@ -125,15 +136,8 @@ class DetectorClient:
         inputs, outputs = _inputs(self._grpc, images)
         batch = len(images)
 
-        def done(result, error) -> None:
-            try:
-                if error is not None:
-                    raise _server_error(error, self.url)
-                future.set_result(parse(result, batch))
-            except Exception as e:  # anything raised here would vanish in gRPC's thread and hang the caller
-                future.set_exception(e if isinstance(e, RequestError) else RequestError(f"bad response: {e!r}"))
-
-        self.client.async_infer(self.model, inputs, done, outputs=outputs, client_timeout=self.timeout_s)
+        self.client.async_infer(self.model, inputs, lambda result, error: resolve(future, result, error, batch, self.url),
+                                outputs=outputs, client_timeout=self.timeout_s)
         return future
 
     def detector_parameters(self) -> dict[str, str]:
