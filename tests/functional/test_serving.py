@@ -58,10 +58,12 @@ def test_attacked_images_are_flagged_and_clean_ones_pass(served, mnist):
         test = s["test"]
 
     images = load_dataset(json.loads((out / "data.json").read_text())["dataset"]).x[test]
-    attacked_rate, clean_rate = client.detect(attacked).is_attacked.mean(), client.detect(images).is_attacked.mean()
-    # the tiny run calibrates 1% on 120 images (about 12 per class, standardized per class), and the
-    # server's draws are unseeded: the clean rate lands near 1-10%, so the bound is loose
-    assert attacked_rate > 0.8 and clean_rate < 0.2 and attacked_rate - clean_rate > 0.6
+    # the tiny run calibrates 1% on 120 images (about 12 per class: too few for a class's own
+    # statistics, so all share the pooled ones) and has about 10 successful attacks; the server's draws
+    # are unseeded, so each set is sent 5 times and the bound is loose
+    attacked_rate = np.mean([client.detect(attacked).is_attacked.mean() for _ in range(5)])
+    clean_rate = np.mean([client.detect(images).is_attacked.mean() for _ in range(5)])
+    assert attacked_rate > 0.6 and clean_rate < 0.2 and attacked_rate - clean_rate > 0.5
 
 
 def bad_request(client, images, dtype="FP32"):
