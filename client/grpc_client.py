@@ -84,7 +84,8 @@ def parse(result, batch: int) -> Detection:
 def _server_error(e, url: str) -> RequestError:
     """A one-line :class:`RequestError` from a tritonclient exception; names an unreachable server."""
     message = e.message() if hasattr(e, "message") else str(e)
-    if "StatusCode.UNAVAILABLE" in str(e.status() if hasattr(e, "status") else "") or "failed to connect" in message.lower():
+    status = str(e.status()) if hasattr(e, "status") else ""
+    if "UNAVAILABLE" in status or "failed to connect" in message.lower():
         return RequestError(f"no Triton server answers at {url} ({message.splitlines()[0]})")
     return RequestError(message.splitlines()[0] if message else type(e).__name__)
 

@@ -20,7 +20,7 @@ def _add_out(p: argparse.ArgumentParser) -> None:
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true", help="no progress bars (and, for serve and demo, no server log)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for serve: no server log)")
 
 
 def json_object(text: str) -> dict:

@@ -22,6 +22,7 @@ from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
 from kernels.scoring import METHODS, covered, score
 
 GRAY_LOW, GRAY_HIGH = 0.1, 0.9
+UNCHECKED_Z = 1e300  # standardized score of a row the detector cannot check: above every threshold and score
 
 
 def gray_pixel_score(images: np.ndarray) -> np.ndarray:
@@ -50,10 +51,9 @@ class ImageSet:
 def detection_figures(clean_z: np.ndarray, attacked_z: np.ndarray, clean_thr: dict[float, np.ndarray],
                       attacked_thr: dict[float, np.ndarray]) -> dict[str, Any]:
     """AUC, TPR and observed FPR at each threshold; inputs are standardized scores (low = attacked;
-    ``+inf`` for rows the detector could not check, which no threshold flags)."""
+    :data:`UNCHECKED_Z` for rows the detector could not check, which no threshold flags)."""
     y = np.concatenate([np.zeros(len(clean_z)), np.ones(len(attacked_z))])
-    both = -np.concatenate([clean_z, attacked_z])
-    out: dict[str, Any] = {"auc": float(roc_auc_score(y, np.where(np.isfinite(both), both, -1e300)))}
+    out: dict[str, Any] = {"auc": float(roc_auc_score(y, -np.concatenate([clean_z, attacked_z])))}
     for f in clean_thr:
         out[f"tpr@{f:g}"] = float((attacked_z < attacked_thr[f]).mean())
         out[f"fpr@{f:g}"] = float((clean_z < clean_thr[f]).mean())
@@ -67,8 +67,9 @@ def calibrate_baseline(images: np.ndarray, fprs=DEFAULT_FPRS) -> Calibration:
 
 
 def _checked_z(s: ImageSet, raw: np.ndarray, cal: Calibration) -> np.ndarray:
-    """Standardized scores of ``s``'s rows: those of the checked rows (``raw``), ``+inf`` elsewhere."""
-    z = np.full(len(s.labels), np.inf)
+    """Standardized scores of ``s``'s rows: those of the checked rows (``raw``), :data:`UNCHECKED_Z`
+    elsewhere."""
+    z = np.full(len(s.labels), UNCHECKED_Z)
     z[s.checked] = cal.standardize(raw, s.labels[s.checked])
     return z
 
@@ -105,9 +106,7 @@ def evaluate_attack(bank: Bank, calibrations: dict[str, Calibration], baseline: 
         report[method] = detection_figures(cz, az, _thresholds(clean, cal, fprs), _thresholds(attacked, cal, fprs))
         if method == "lrt":
             lrt_z = (cz, az)
-            both = -np.r_[cz, az]
-            curves["fingerprints (lrt)"] = roc_curve(np.r_[np.zeros(len(cz)), np.ones(len(az))],
-                                                     np.where(np.isfinite(both), both, -1e300))[:2]
+            curves["fingerprints (lrt)"] = roc_curve(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az])[:2]
     zero_c, zero_a = np.zeros(len(clean.labels), np.int64), np.zeros(len(attacked.labels), np.int64)
     bc = baseline.standardize(gray_pixel_score(clean.images), zero_c)
     ba = baseline.standardize(gray_pixel_score(attacked.images), zero_a)
@@ -122,10 +121,9 @@ def evaluate_attack(bank: Bank, calibrations: dict[str, Calibration], baseline: 
         a, cl_mask = attacked.labels == c, clean.labels == c
         entry = {"n_attacked": int(a.sum()), "unchecked": int((a & ~attacked.checked).sum()),
                  f"tpr@{f0:g}": float((lrt_z[1][a] < thr_a[a]).mean())}
-        if cl_mask.sum() and a.sum() and np.isfinite(lrt_z[1][a]).any():
-            y = np.r_[np.zeros(cl_mask.sum()), np.ones(a.sum())]
-            s = -np.r_[lrt_z[0][cl_mask], lrt_z[1][a]]
-            entry["auc"] = float(roc_auc_score(y, np.where(np.isfinite(s), s, -1e300)))
+        if cl_mask.sum() and (a & attacked.checked).any():
+            entry["auc"] = float(roc_auc_score(np.r_[np.zeros(cl_mask.sum()), np.ones(a.sum())],
+                                               -np.r_[lrt_z[0][cl_mask], lrt_z[1][a]]))
         per_class[int(c)] = entry
     report["per_class"] = per_class
 

@@ -134,16 +134,16 @@ class Detector:
         raw = np.full(b, np.nan)
         ids = np.full((b, self.m), -1, np.int64)
         if checked.any():
+            rows = None if checked.all() else np.flatnonzero(checked)  # score only what can be checked
             if self.gpu is None:
                 batch = acts[0] if len(acts) == 1 else np.concatenate(acts)
-                scores = score(batch[checked] if not checked.all() else batch, labels[checked], self.bank, self.m,
-                               self.rng, checked=True, lrt_only=True)
+                scores = score(batch if rows is None else batch[rows], labels[checked], self.bank, self.m, self.rng,
+                               checked=True, lrt_only=True)
             else:
                 cp = self.gpu.cp
                 with self.gpu.device:
                     dev = acts[0] if len(acts) == 1 else cp.concatenate([cp.asarray(a) for a in acts])
-                    if not checked.all():
-                        dev = cp.ascontiguousarray(dev[cp.asarray(np.flatnonzero(checked))])
+                    dev = dev if rows is None else cp.ascontiguousarray(dev[cp.asarray(rows)])
                     scores = self.gpu.lrt(dev, labels[checked], self.m, self.rng, checked=True)
             raw[checked], ids[checked] = scores.lrt, scores.ids
         kernel_s = time.perf_counter() - start

@@ -15,6 +15,20 @@
 
 #define HALF_LOG_2PI 0.91893853320467274178f
 
+// The value of fingerprint f on one image: the mean of the image's activations over its neurons.
+__device__ __forceinline__ float fingerprint_value(const float* __restrict__ row, const int* __restrict__ indices,
+                                                   const int* __restrict__ lengths, const long long f,
+                                                   const int kmax)
+{
+    const int* neurons = indices + (size_t)f * kmax;
+    const int len = lengths[f];
+    float sum = 0.0f;
+    for (int t = 0; t < len; ++t) {
+        sum += __ldg(row + neurons[t]);
+    }
+    return sum / (float)len;
+}
+
 extern "C" __global__ void fingerprint_scores(
     const float* __restrict__ acts,           // (B, D) activations
     const long long* __restrict__ ids,        // (B, m) drawn fingerprint rows
@@ -37,13 +51,7 @@ extern "C" __global__ void fingerprint_scores(
 
     for (int j = threadIdx.x; j < m; j += blockDim.x) {
         const long long f = ids[(size_t)b * m + j];
-        const int* neurons = indices + (size_t)f * kmax;
-        const int len = lengths[f];
-        float sum = 0.0f;
-        for (int t = 0; t < len; ++t) {
-            sum += __ldg(row + neurons[t]);
-        }
-        const float v = sum / (float)len;
+        const float v = fingerprint_value(row, indices, lengths, f, kmax);
         values[(size_t)b * m + j] = v;
         const float zc = (v - clean_mean[f]) / clean_std[f];
         const float za = (v - attacked_mean[f]) / attacked_std[f];
@@ -98,13 +106,7 @@ extern "C" __global__ void fingerprint_lrt(
 
     for (int j = threadIdx.x; j < m; j += blockDim.x) {
         const long long f = ids[(size_t)b * m + j];
-        const int* neurons = indices + (size_t)f * kmax;
-        const int len = lengths[f];
-        float sum = 0.0f;
-        for (int t = 0; t < len; ++t) {
-            sum += __ldg(row + neurons[t]);
-        }
-        const float v = sum / (float)len;
+        const float v = fingerprint_value(row, indices, lengths, f, kmax);
         const float zc = (v - params[f]) * params[nf + f];
         const float za = (v - params[2 * nf + f]) * params[3 * nf + f];
         lrt += 0.5f * (za * za - zc * zc) + params[4 * nf + f];

@@ -100,8 +100,9 @@ class GpuScorer:
                 raise InvalidInputError(f"activations of rows {rows} hold NaN or infinite values")
         return acts
 
-    def _draws(self, acts, labels: np.ndarray, m: int, rng, ids):
-        labels = check_labels(np.asarray(labels), acts.shape[0], self.bank, m if ids is None else 1)
+    def _draws(self, acts, labels: np.ndarray, m: int, rng, ids, checked: bool = False):
+        if not checked:  # the served detector checked its labels already (covered classes only)
+            labels = check_labels(np.asarray(labels), acts.shape[0], self.bank, m if ids is None else 1)
         ids = draw_fingerprints(labels, self.bank, m, rng or secure_rng()) if ids is None else check_ids(ids, labels, self.bank)
         return ids, self.cp.asarray(np.ascontiguousarray(ids, dtype=np.int64))
 
@@ -114,11 +115,11 @@ class GpuScorer:
     def lrt(self, acts, labels: np.ndarray, m: int, rng: np.random.Generator | None = None,
             ids: np.ndarray | None = None, checked: bool = False) -> Scores:
         """The serving path: LRT scores only (``Scores.lrt``; no values, vote or anomaly). ``checked``:
-        the caller validated ``acts`` already (per request, as the served detector does)."""
+        the caller validated ``acts`` and ``labels`` already (as the served detector does per request)."""
         cp = self.cp
         with self.device:
             acts = self.as_device_array(acts) if not checked else acts
-            ids, ids_d = self._draws(acts, labels, m, rng, ids)
+            ids, ids_d = self._draws(acts, labels, m, rng, ids, checked)
             b, m = ids.shape
             threads = lrt_block_size(m)
             out = cp.empty(b, cp.float32)

@@ -1,12 +1,21 @@
 """Shared fixtures: a small real MNIST subset and a small CNN trained on it once per session.
 
-torch and the data set are imported inside the fixtures, so the NumPy-only and GPU tests
+torch (if installed) is set up once per session and the data set is loaded inside its fixture, so the GPU tests
 (``make test-gpu`` on a machine without the training extras) collect without them.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """Two torch threads from the start of the session, as on the CI machine (where torch is installed)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +44,9 @@ def mnist_npz(tmp_path_factory, mnist_subset):
 @pytest.fixture(scope="session")
 def small_model(mnist_subset):
     """The built-in small CNN trained for a few epochs on the subset (about 90% accurate on it)."""
-    import torch
-
     from export.models import default_spec
     from export.training import TrainingConfig, train_classifier
 
-    torch.set_num_threads(2)
     x, y = mnist_subset
     model = default_spec((1, 28, 28), 10).build()
     train_classifier(model, x, y, TrainingConfig(epochs=6, seed=0), progress=False)
