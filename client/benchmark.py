@@ -1,20 +1,21 @@
 """Latency and throughput over gRPC: the classifier alone against the guarded models, one run.
 
-    python -m client.benchmark --out runs/default                    # MNIST CNN and EfficientNet-Lite0
-    python -m client.benchmark --out runs/default --quick            # concurrency 1, 8; batch 1, 8
-    python -m client.benchmark --out runs/default --shared-memory    # images through system shared memory
+    nfp serve --out runs/default --fused --write-only               # writes runs/default/repository/cpu
+    nfp synthetic-bank --out runs/efficientnet-lite0 && nfp serve --out runs/efficientnet-lite0 --fused --write-only
+    python -m client.benchmark "MNIST CNN=runs/default/repository/cpu" \
+        "EfficientNet-Lite0=runs/efficientnet-lite0/repository/cpu:1,8,32:1,2,4,8:6"
+    python -m client.benchmark runs/default/repository/cpu --quick  # concurrency 1, 8; batch 1, 8
 
-For each suite — the MNIST CNN of the pipeline output ``--out``, and EfficientNet-Lite0 with a
-synthetic bank of 1,000 classes x 1,000 fingerprints (``export.synthetic_bank``, built on first use
-in ``--efficientnet-out``) — starts a real Triton server serving three models: ``classifier`` alone
-(asked for its logits only, as the classifier a user already serves), ``guarded_classifier`` (the
-ensemble: classifier, then fingerprint detector) and ``guarded_classifier_fused`` (both in one Python
-step; ``--no-fused`` leaves it out). For each batch size and concurrency (requests kept in flight by a
-closed loop) it measures, after a warm-up, throughput (images/s), latency p50 / p90 / p99 and errors,
-the models taking turns in rounds so that the ratios compare like with like on a noisy machine. The
-detectors' own compute comes from their ``nfp_kernel_microseconds_total`` metric, so the report splits
-the overhead into kernel time and hand-off between steps.
-Writes ``<out>/benchmark/benchmark.json``, ``.md`` and ``latency_throughput.png``.
+Each suite is a model repository already written (``nfp serve --write-only``; serving knobs such as
+``--queue-delay-us`` and ``--instances`` are set there). For each, the benchmark starts a real
+Triton server and measures ``classifier`` alone (asked for its logits only, as the classifier a user
+already serves), ``guarded_classifier`` (the ensemble: classifier, then fingerprint detector) and
+``guarded_classifier_fused`` when the repository has it. For each batch size and concurrency
+(requests kept in flight by a closed loop) it measures, after a warm-up, throughput (images/s),
+latency p50 / p90 / p99 and errors, the models taking turns in rounds so that the ratios compare like
+with like on a noisy machine. The detectors' own compute comes from their
+``nfp_kernel_microseconds_total`` metric, so the report splits the overhead into kernel time and
+hand-off between steps. Writes ``benchmark.json``, ``.md`` and ``latency_throughput.png`` to ``--target``.
 """
 from __future__ import annotations
 
@@ -25,30 +26,19 @@ import json
 import os
 import threading
 import time
-import urllib.request
-from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from client.server import TritonServer
-
-if TYPE_CHECKING:
-    from export.repository import ServingConfig
+from client.grpc_client import DetectorClient
+from client.metrics import detector_counters
+from model_repository.server import TritonServer
 
 BASELINE, ENSEMBLE, FUSED = "classifier", "guarded_classifier", "guarded_classifier_fused"
 DETECTING = {ENSEMBLE: "fingerprint_detector", FUSED: FUSED}  # model measured -> model whose kernel time it spends
 # the baseline is the classifier a user already serves: it answers with logits, not with activations
 REQUESTED = {BASELINE: ["logits"]}
-
-
-def detector_counters(metrics_url: str, model: str) -> np.ndarray:
-    """``[kernel microseconds, inputs scored]`` so far, from ``model``'s Prometheus counters."""
-    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    return np.array([sum(float(line.split()[-1]) for line in text.splitlines()
-                         if line.startswith(f'{name}{{model="{model}"'))
-                     for name in ("nfp_kernel_microseconds_total", "nfp_inputs_total")])
 
 
 @contextlib.contextmanager
@@ -123,27 +113,31 @@ def summarize(model: str, batch: int, concurrency: int, latencies: list[float], 
             **{f"p{q}_ms": float(np.percentile(lat, q)) if len(lat) else None for q in (50, 90, 99)}}
 
 
-def run(out: Path, batches, concurrencies, window_s: float, warmup_s: float,
-        serving: "ServingConfig | None" = None, shared_memory: bool = False, rounds: int = 3) -> dict[str, Any]:
-    """One suite: a server on ``out``'s repository, every (batch, concurrency, model) point.
+def run(repository: Path, batches, concurrencies, window_s: float, warmup_s: float, shared_memory: bool = False,
+        rounds: int = 3) -> dict[str, Any]:
+    """One suite: a server on ``repository``, every (batch, concurrency, model) point.
 
     Each point's window is split into ``rounds`` slices; within a round the models take turns, in an
     order rotated from round to round, so that drifts of the machine's speed hit every model alike.
     """
-    from export.repository import ServingConfig, write_repository
-
-    serving = serving or ServingConfig(fused=True)
-    models = (BASELINE, ENSEMBLE, FUSED) if serving.fused else (BASELINE, ENSEMBLE)
-    repo = write_repository(out, out / "repository" / "cpu", "cpu", serving)
-    shape = json.loads((out / "data.json").read_text())["image_shape"]
+    repository = Path(repository)
+    models = tuple(m for m in (BASELINE, ENSEMBLE, FUSED) if (repository / m / "config.pbtxt").is_file())
     rng = np.random.default_rng(0)
     points = []
-    with TritonServer(repo) as server:
+    with TritonServer(repository) as server:
+        with DetectorClient(server.grpc_url) as client:
+            shape = client.input_shape()
         for batch in batches:
             with image_input(server.grpc_url, rng.random((batch, *shape), dtype=np.float32), shared_memory) as tensor:
                 points += measure_batch(server, models, tensor, batch, concurrencies, window_s, warmup_s, rounds)
     return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "rounds": rounds,
-            "serving": asdict(serving), "shared_memory": shared_memory, "ratios": ratios(points)}
+            "repository": str(repository), "shared_memory": shared_memory, "ratios": ratios(points)}
+
+
+def _kernel_counters(metrics_url: str, model: str) -> np.ndarray:
+    """``[kernel microseconds, inputs scored]`` so far of the detecting ``model``."""
+    c = detector_counters(metrics_url, model)
+    return np.array([c["nfp_kernel_microseconds_total"], c["nfp_inputs_total"]])
 
 
 def measure_batch(server: TritonServer, models, tensor, batch: int, concurrencies, window_s: float, warmup_s: float,
@@ -156,12 +150,12 @@ def measure_batch(server: TritonServer, models, tensor, batch: int, concurrencie
         for r in range(rounds):
             for model in models[r % len(models):] + models[: r % len(models)]:
                 detector = DETECTING.get(model)
-                before = detector_counters(server.metrics_url, detector) if detector else 0
+                before = _kernel_counters(server.metrics_url, detector) if detector else 0
                 lat, err = measure(server.grpc_url, model, tensor, conc, window_s / rounds, warmup_s)
                 latencies[model] += lat
                 errors[model] += err
                 if detector:
-                    counters[model] += detector_counters(server.metrics_url, detector) - before
+                    counters[model] += _kernel_counters(server.metrics_url, detector) - before
         for model in models:
             point = summarize(model, batch, conc, latencies[model], errors[model], window_s)
             kernel_us, inputs = counters[model]
@@ -247,54 +241,45 @@ def plot(suites: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def parse_suite(text: str, quick: bool) -> tuple[str, Path, list[int], list[int], float]:
+    """``[NAME=]REPOSITORY[:BATCHES:CONCURRENCIES:WINDOW]``, lists comma-separated (e.g.
+    ``EfficientNet-Lite0=runs/efficientnet-lite0/repository/cpu:1,8,32:1,2,4,8:6``)."""
+    name, _, rest = text.rpartition("=") if "=" in text else ("", "", text)
+    path, *opts = rest.split(":")
+    batches, conc, window = [1, 8, 32], [1, 2, 4, 8, 16, 32, 64], 3.0
+    if opts:
+        if len(opts) != 3:
+            raise SystemExit(f"suite {text!r}: give BATCHES:CONCURRENCIES:WINDOW after the repository, or none")
+        batches, conc, window = [int(b) for b in opts[0].split(",")], [int(c) for c in opts[1].split(",")], float(opts[2])
+    if quick:
+        batches, conc, window = [b for b in batches if b <= 8] or batches[:1], [1, 8], min(window, 1.5)
+    return name or Path(path).parent.parent.name, Path(path), batches, conc, window
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("runs/default"), help="pipeline output folder (default: %(default)s)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--window", type=float, default=3.0, help="measured seconds per point (default: %(default)s)")
+    p.add_argument("suites", nargs="+", metavar="[NAME=]REPOSITORY[:BATCHES:CONCURRENCIES:WINDOW]",
+                   help="a written model repository per suite; optionally its batches, concurrencies and measured "
+                        "seconds per point (default 1,8,32 : 1,2,4,8,16,32,64 : 3)")
+    p.add_argument("--target", type=Path, default=Path("runs/benchmark"),
+                   help="folder of the report (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.5,
                    help="warm-up seconds before each measured slice (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3,
                    help="slices of each point's window, models taking turns in rotated order (default: %(default)s)")
-    p.add_argument("--efficientnet-out", type=Path, default=Path("runs/efficientnet-lite0"),
-                   help="EfficientNet-Lite0 suite's folder, built with a synthetic bank if missing (default: %(default)s)")
-    p.add_argument("--efficientnet-batches", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--efficientnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--efficientnet-window", type=float, default=6.0,
-                   help="its measured seconds per point; a batch of 32 takes ~0.25 s here (default: %(default)s)")
-    p.add_argument("--no-efficientnet", action="store_true", help="only the MNIST suite")
-    p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
-    p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
-    p.add_argument("--no-mnist", action="store_true", help="only the EfficientNet-Lite0 suite")
-    p.add_argument("--no-fused", action="store_true", help="leave out guarded_classifier_fused")
     p.add_argument("--shared-memory", action="store_true",
                    help="send the images through a system shared-memory region instead of the gRPC message")
-    p.add_argument("--quick", action="store_true", help="batch 1 and 8, concurrency 1 and 8, 1.5 s windows")
+    p.add_argument("--quick", action="store_true", help="batches up to 8, concurrency 1 and 8, windows of 1.5 s at most")
     args = p.parse_args(argv)
-    from export.repository import ServingConfig
-
-    serving = ServingConfig(queue_delay_us=args.queue_delay_us, instances=args.instances, fused=not args.no_fused)
-    if args.quick:
-        args.batches, args.concurrency, args.window = [1, 8], [1, 8], 1.5
-        args.efficientnet_batches, args.efficientnet_concurrency, args.efficientnet_window = [1], [1, 8], 3.0
     suites: dict[str, dict[str, Any]] = {}
-    target = args.out / "benchmark"
-    if not args.no_mnist:
-        suites["MNIST CNN"] = run(args.out, args.batches, args.concurrency, args.window, args.warmup, serving,
-                                  args.shared_memory, args.rounds)
-        save(suites, target)
-    if not args.no_efficientnet:
-        if not (args.efficientnet_out / "model.onnx").exists():
-            from export.synthetic_bank import write_synthetic_out
-
-            write_synthetic_out(args.efficientnet_out)
-        suites["EfficientNet-Lite0"] = run(args.efficientnet_out, args.efficientnet_batches,
-                                           args.efficientnet_concurrency, args.efficientnet_window, args.warmup,
-                                           serving, args.shared_memory, args.rounds)
-        save(suites, target)
+    for text in args.suites:
+        name, repo, batches, conc, window = parse_suite(text, args.quick)
+        if not (repo / "classifier" / "config.pbtxt").is_file():
+            raise SystemExit(f"{repo} is not a written model repository: run `nfp serve --write-only` first")
+        suites[name] = run(repo, batches, conc, window, args.warmup, args.shared_memory, args.rounds)
+        save(suites, args.target)
     print("\n" + markdown(suites))
-    print(f"written to {target}/")
+    print(f"written to {args.target}/")
 
 
 def save(suites: dict[str, dict[str, Any]], target: Path) -> None:

@@ -1,55 +1,28 @@
-"""The main job's last step: serve the pipeline's output on a real Triton server and call it.
+"""The main job's last step: call a served guarded classifier with held-out images.
 
-Sends held-out clean test images and successful evaluation attacks over gRPC, then prints served
+Sends clean test images and successful evaluation attacks over gRPC, then prints served
 accuracy, detection rate and false-positive rate at the calibrated threshold, and the batch-1
 latency the client saw.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from client.grpc_client import DetectorClient, RequestError
-from client.server import TritonServer
-from export.repository import write_repository
-
-DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "deepfool")
 
 
-def load_eval_images(out: Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Clean test images with labels, and each demo attack's successful adversarial images."""
-    import json
-
-    from export.datasets import load_dataset
-
-    meta = json.loads((out / "data.json").read_text())
-    ds = load_dataset(meta["dataset"], meta.get("num_classes"))
-    with np.load(out / "splits.npz") as s:
-        test = s["test"]
-    attacked = {}
-    for name in DEMO_ATTACKS:
-        path = out / "attacks" / "eval" / f"{name}.npz"
-        if path.exists():
-            with np.load(path) as a:
-                if a["success"].any():
-                    attacked[name] = a["x_adv"][a["success"]]
-    return ds.x[test], ds.y[test], attacked
-
-
-def run_demo(out: Path, batch_size: int = 32, latency_requests: int = 200, verbose: bool = False,
-             progress: bool = False) -> dict[str, Any]:
-    """Serve ``out``'s repository, send its clean test images and successful demo attacks, measure
-    batch-1 latency; ``progress`` shows a bar over the image sets."""
+def run_demo(url: str, x: np.ndarray, y: np.ndarray, attacked: dict[str, np.ndarray], batch_size: int = 32,
+             latency_requests: int = 200, progress: bool = False) -> dict[str, Any]:
+    """Send clean images ``x`` with true labels ``y`` and each attack's adversarial images to the server at
+    ``url`` (gRPC), then measure batch-1 latency; ``progress`` shows a bar over the image sets.
+    ``nfp demo`` serves a pipeline's repository and calls this with its held-out test images."""
     from tqdm.auto import tqdm
 
-    out = Path(out)
-    repo = write_repository(out, out / "repository" / "cpu", "cpu")
-    x, y, attacked = load_eval_images(out)
     report: dict[str, Any] = {}
-    with TritonServer(repo, verbose=verbose) as server, DetectorClient(server.grpc_url) as client:
+    with DetectorClient(url) as client:
         def served(images: np.ndarray):
             """Labels, verdicts and checked flags (-1 / False where a whole request was refused), and
             the number of refused requests."""

@@ -14,6 +14,8 @@ no attack with a detector term in its loss, so this loop is ours: the standard P
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,10 +24,12 @@ from torch import nn
 from export.activations import ActivationLayout
 from export.onnx_export import ClassifierWithActivations
 from kernels.bank import Bank
+from kernels.scoring import log_likelihood_ratio
 
 
 class ExpectedLikelihoodRatio(nn.Module):
-    """Differentiable mean log-likelihood ratio over all fingerprints of each input's class."""
+    """Differentiable mean log-likelihood ratio over all fingerprints of each input's class (the
+    static detector's raw score), through the one definition :func:`kernels.scoring.log_likelihood_ratio`."""
 
     def __init__(self, bank: Bank) -> None:
         super().__init__()
@@ -34,8 +38,7 @@ class ExpectedLikelihoodRatio(nn.Module):
         self.indices = t(np.minimum(bank.indices, bank.num_neurons - 1), torch.long)  # padding masked below
         self.mask = t(np.arange(bank.indices.shape[1])[None, :] < bank.lengths[:, None])
         self.lengths = t(bank.lengths)
-        self.cm, self.cs = t(bank.clean_mean), t(bank.clean_std)
-        self.am, self.as_ = t(bank.attacked_mean), t(bank.attacked_std)
+        self.params = t(bank.lrt_params)  # (5, F): the Gaussians as the served scorer packs them
 
     def forward(self, acts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(len(acts), dtype=acts.dtype)
@@ -43,30 +46,49 @@ class ExpectedLikelihoodRatio(nn.Module):
             rows = labels == c
             f = slice(int(self.bank.class_offsets[c]), int(self.bank.class_offsets[c + 1]))
             v = (acts[rows][:, self.indices[f]] * self.mask[f]).sum(-1) / self.lengths[f]  # (n, F_c)
-            zc, za = (v - self.cm[f]) / self.cs[f], (v - self.am[f]) / self.as_[f]
-            llr = -0.5 * zc**2 - torch.log(self.cs[f]) + 0.5 * za**2 + torch.log(self.as_[f])
-            out = out.index_put((rows.nonzero().squeeze(1),), llr.mean(1))
+            out = out.index_put((rows.nonzero().squeeze(1),), log_likelihood_ratio(v, *self.params[:, f]).mean(1))
         return out
 
 
+@dataclass(frozen=True)
+class PGDConfig:
+    """Settings of :func:`detector_aware_pgd`.
+
+    Attributes:
+        eps: L-inf budget.
+        steps: gradient steps.
+        step_size: per-step size (default ``2.5 * eps / steps``, Madry et al.).
+        weight: weight of the expected likelihood-ratio term; 0 is plain PGD (needs no bank).
+        kappa: margin past the decision boundary beyond which the classification term stops pushing.
+        seed: seed of the random start.
+    """
+
+    eps: float
+    steps: int = 40
+    step_size: float | None = None
+    weight: float = 1.0
+    kappa: float = 5.0
+    seed: int = 0
+
+
 def detector_aware_pgd(model: nn.Module, layout: ActivationLayout, bank: Bank, x: np.ndarray, y: np.ndarray,
-                       eps: float, steps: int = 40, step_size: float | None = None, weight: float = 1.0,
-                       kappa: float = 5.0, seed: int = 0) -> np.ndarray:
+                       cfg: PGDConfig) -> np.ndarray:
     """Untargeted L-inf PGD that also raises the expected LRT score. ``x (N, C, H, W)`` in [0, 1]."""
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
+    eps = cfg.eps
     wrapped = ClassifierWithActivations(model, layout).eval()
     score = ExpectedLikelihoodRatio(bank)
     x0 = torch.from_numpy(np.ascontiguousarray(x))
     target = torch.from_numpy(np.asarray(y, np.int64))
-    step = step_size or 2.5 * eps / steps
+    step = cfg.step_size or 2.5 * eps / cfg.steps
     adv = (x0 + torch.empty_like(x0).uniform_(-eps, eps)).clamp(0, 1)
-    for _ in range(steps):
+    for _ in range(cfg.steps):
         adv.requires_grad_(True)
         logits, acts = wrapped(adv)
         true = logits.gather(1, target[:, None]).squeeze(1)
         other = logits.masked_fill(F.one_hot(target, logits.shape[1]).bool(), float("-inf")).max(1).values
         pred = logits.argmax(1).detach()
-        loss = (-(true - other).clamp(min=-kappa) + weight * (pred != target) * score(acts, pred)).sum()
+        loss = (-(true - other).clamp(min=-cfg.kappa) + cfg.weight * (pred != target) * score(acts, pred)).sum()
         (grad,) = torch.autograd.grad(loss, adv)
         with torch.no_grad():
             adv = torch.minimum(torch.maximum(adv + step * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)

@@ -89,7 +89,7 @@ def _add_capture(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
-    from export.fingerprint_search import SearchConfig
+    from kernels.fingerprint_search import SearchConfig
 
     d = SearchConfig()
     p.add_argument("--k", type=int, nargs="+", default=list(d.k),
@@ -140,6 +140,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "inputs and outputs as the ensemble, less added latency (cpu profile)")
     p.add_argument("--fpr", type=float, default=0.01,
                    help="calibrated false-positive rate that decides is_attacked (default: %(default)s)")
+    p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -170,28 +172,137 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
                    help="served model to attack with --url (default: %(default)s)")
 
 
-STAGES = {  # name: (help, option groups)
-    "prepare": ("load a data set and make the seeded fit / calibration / test splits", [_add_out, _add_prepare]),
-    "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train]),
+def _add_synthetic(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--per-class", type=int, default=1000, help="fingerprints per class (default: %(default)s)")
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="calibrated false-positive rate the demo's server flags at (default: %(default)s)")
+
+
+# --- what each command runs: (args, workspace, progress) -> its part of the printed report --------------
+
+def _prepare(args, ws, progress):
+    from export import pipeline
+
+    return pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes)
+
+
+def _train(args, ws, progress):
+    from export import pipeline
+    from export.training import TrainingConfig
+
+    config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
+    return pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress, args.pretrained)
+
+
+def _attack(args, ws, progress):
+    from export import pipeline
+
+    summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress,
+                              args.attack_profile)
+    return {"train_successful_per_focal_class": summary["train"]["successful_per_focal_class"],
+            "eval": {k: f"{v['successful']}/{v['attempted']} successful" for k, v in summary["eval"].items()}}
+
+
+def _capture(args, ws, progress):
+    from export import pipeline
+
+    layout = pipeline.capture(ws, args.layers, args.capture_batch_size, progress)
+    return {"layers": layout.layers, "num_neurons": layout.num_neurons}
+
+
+def _search(args, ws, progress):
+    from export import pipeline
+    from kernels.fingerprint_search import SearchConfig
+
+    config = SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
+                          keep=args.keep, method=args.search_method, seed=args.search_seed)
+    return pipeline.search(ws, config, progress)
+
+
+def _calibrate(args, ws, progress):
+    from export import pipeline
+
+    return pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats, progress)
+
+
+def _evaluate(args, ws, progress):
+    from export import pipeline
+
+    table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
+    return {"report": f"{ws.root}/report/evaluation.md, evaluation.json, roc.png",
+            "table": "Detection on the test split (fingerprint LRT beside the other scores and the gray-pixel "
+                     "baseline):\n\n" + table}
+
+
+def _export(args, ws, progress):
+    from export import pipeline
+
+    return pipeline.export_model(ws, args.parity_count, args.opset)
+
+
+def _whitebox(args, ws, progress):
+    from export.whitebox import WhiteboxConfig, whitebox
+
+    cfg = WhiteboxConfig(args.fpr, args.whitebox_seed, tuple(args.m_values or ()), tuple(args.bank_sizes or ()),
+                         tuple(args.adaptive_eps), args.adaptive_count, args.adaptive_weight, args.url, args.model)
+    return {"table": whitebox(ws, cfg, progress)["table"]}
+
+
+def _demo(args, ws, progress):
+    from client.demo import format_report, run_demo
+    from export.pipeline import demo_images
+    from model_repository.server import TritonServer
+    from model_repository.writer import ServingConfig, write_repository
+
+    fpr = getattr(args, "fpr", 0.01)
+    repo = write_repository(ws.root, ws.root / "repository" / "cpu", "cpu", ServingConfig(false_positive_rate=fpr))
+    x, y, attacked = demo_images(ws)
+    with TritonServer(repo, verbose=False) as server:
+        served = run_demo(server.grpc_url, x, y, attacked, progress=progress)
+    return {"served": served, "table": format_report(served, fpr)}
+
+
+def _synthetic_bank(args, ws, progress):
+    from export.synthetic_bank import write_synthetic_out
+
+    return {"out": str(write_synthetic_out(ws.root, per_class=args.per_class))}
+
+
+_OFFLINE = [_add_prepare, _add_train, _add_attack, _add_capture, _add_search, _add_calibrate, _add_evaluate, _add_export]
+PIPELINE = ("prepare", "train", "attack", "capture", "search", "calibrate", "evaluate", "export", "demo")
+
+STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
+    "prepare": ("load a data set and make the seeded fit / calibration / test splits", [_add_out, _add_prepare],
+                _prepare),
+    "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train],
+              _train),
     "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)",
-               [_add_out, _add_quiet, _add_attack]),
-    "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture]),
-    "search": ("search each class's fingerprints and write the bank", [_add_out, _add_quiet, _add_search]),
-    "calibrate": ("set detection thresholds on the calibration split", [_add_out, _add_quiet, _add_calibrate]),
-    "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)", [_add_out, _add_quiet, _add_evaluate]),
+               [_add_out, _add_quiet, _add_attack], _attack),
+    "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],
+                _capture),
+    "search": ("search each class's fingerprints and write the bank", [_add_out, _add_quiet, _add_search], _search),
+    "calibrate": ("set detection thresholds on the calibration split", [_add_out, _add_quiet, _add_calibrate],
+                  _calibrate),
+    "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)",
+                 [_add_out, _add_quiet, _add_evaluate], _evaluate),
     "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
-               [_add_out, _add_export]),
-    "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_out, _add_quiet, _add_serve]),
+               [_add_out, _add_export], _export),
+    "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_out, _add_quiet, _add_serve], None),
     "whitebox": ("the white-box attacker: what the server's random draws catch among images that passed a "
                  "local detector (filter), and detector-aware PGD; offline or against a running server",
-                 [_add_out, _add_quiet, _add_whitebox]),
+                 [_add_out, _add_quiet, _add_whitebox], _whitebox),
     "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
-                [_add_predict]),
+                [_add_predict], None),
     "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results",
-             [_add_out, _add_quiet]),
+             [_add_out, _add_quiet, _add_demo], _demo),
+    "synthetic-bank": ("write a pipeline output folder for serving benchmarks: EfficientNet-Lite0 exported to ONNX "
+                       "with a random 1,000-class bank (never for detection)", [_add_out, _add_synthetic],
+                       _synthetic_bank),
     "pipeline": ("run every stage in order, then the demo (the README's main job)",
-                 [_add_out, _add_quiet, _add_prepare, _add_train, _add_attack, _add_capture, _add_search,
-                  _add_calibrate, _add_evaluate, _add_export]),
+                 [_add_out, _add_quiet, *_OFFLINE], None),
 }
 
 
@@ -212,78 +323,29 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    cmd = args.command
-    if cmd == "predict":
+    """Run one command; ``pipeline`` runs :data:`PIPELINE` in order and prints every stage's report."""
+    if args.command == "predict":
         from client.predict import predict
 
         print(predict(args.url, args.inputs, args.model, args.timeout))
         return
-    if cmd == "serve":
+    if args.command == "serve":
         serve(args)
         return
-
     from export.workspace import Workspace
 
-    ws, progress = Workspace(args.out), not args.quiet
-    if cmd == "demo":
-        from client.demo import format_report, run_demo
-
-        print(format_report(run_demo(ws.root, verbose=False, progress=progress)))
-        return
-
-    import torch
-
-    from export import pipeline
-    from export.training import TrainingConfig
-
+    ws, progress = Workspace(args.out), not getattr(args, "quiet", False)
     if args.threads:
+        import torch
+
         torch.set_num_threads(args.threads)
-    report = {}
-    if cmd in ("prepare", "pipeline"):
-        report["prepare"] = pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes)
-    if cmd in ("train", "pipeline"):
-        config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
-        report["train"] = pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress,
-                                         args.pretrained)
-    if cmd in ("attack", "pipeline"):
-        summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress,
-                                   args.attack_profile)
-        report["attack"] = {"train_successful_per_focal_class": summary["train"]["successful_per_focal_class"],
-                            "eval": {k: f"{v['successful']}/{v['attempted']} successful" for k, v in summary["eval"].items()}}
-    if cmd in ("capture", "pipeline"):
-        layout = pipeline.capture(ws, args.layers, args.capture_batch_size, progress)
-        report["capture"] = {"layers": layout.layers, "num_neurons": layout.num_neurons}
-    if cmd in ("search", "pipeline"):
-        from export.fingerprint_search import SearchConfig
-
-        config = SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
-                              keep=args.keep, method=args.search_method, seed=args.search_seed)
-        report["search"] = pipeline.search(ws, config, progress)
-    if cmd in ("calibrate", "pipeline"):
-        report["calibrate"] = pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats,
-                                                 progress)
-    table = None
-    if cmd in ("evaluate", "pipeline"):
-        table = pipeline.evaluate(ws, args.eval_seed, args.spread_draws, progress)["table"]
-        report["evaluate"] = f"{ws.root}/report/evaluation.md, evaluation.json, roc.png"
-    if cmd in ("export", "pipeline"):
-        report["export"] = pipeline.export_model(ws, args.parity_count, args.opset)
-    if cmd == "whitebox":
-        print(pipeline.whitebox(ws, args.fpr, args.whitebox_seed, args.m_values, args.bank_sizes, args.adaptive_eps,
-                                args.adaptive_count, args.adaptive_weight, args.url, args.model, progress)["table"])
-        return
-    served = None
-    if cmd == "pipeline":
-        from client.demo import format_report, run_demo
-
-        served = run_demo(ws.root, progress=progress)
-        report["demo"] = served
-    print(json.dumps(report, indent=2))
-    if table:
-        print("\nDetection on the test split (fingerprint LRT beside the gray-pixel baseline):\n")
-        print(table)
-    if served:
-        print(format_report(served))
+    names = PIPELINE if args.command == "pipeline" else (args.command,)
+    report = {name: STAGES[name][2](args, ws, progress) for name in names}
+    tables = [entry.pop("table") for entry in report.values() if isinstance(entry, dict) and "table" in entry]
+    if any(report.values()):
+        print(json.dumps({k: v for k, v in report.items() if v}, indent=2, default=str))
+    for table in tables:
+        print("\n" + table)
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
 
 
@@ -292,10 +354,11 @@ def serve(args: argparse.Namespace) -> None:
     import signal
     import time
 
-    from client.server import TritonServer
-    from export.repository import ServingConfig, write_repository
+    from model_repository.server import TritonServer
+    from model_repository.writer import ServingConfig, write_repository
 
-    cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused)
+    cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused, queue_delay_us=args.queue_delay_us,
+                        instances=args.instances)
     repo = write_repository(args.out, args.out / "repository" / args.profile, args.profile, cfg)
     print(f"model repository: {repo}", file=sys.stderr)
     if args.write_only:

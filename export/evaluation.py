@@ -3,49 +3,23 @@
 Everything is measured on the test split, never on images used for the bank or the thresholds:
 for each attack, ROC AUC and TPR at the calibrated 1% / 2% / 5% thresholds (overall and per class),
 the clean false-positive rate actually observed at each threshold, and the same figures for a
-trivial input-statistics detector (the count of gray pixels, neither black nor white) scored side by
-side — on MNIST a strong L-inf attack is caught by that alone, so strong figures there prove little.
+trivial input-statistics detector (:class:`kernels.baselines.GrayPixels`) scored side by side — on MNIST a strong L-inf attack is caught by that alone, so strong figures there prove little.
 The paper's claim of "a large family of detectors with consistent performance" (Fisher, Shahar &
 Resheff, 2024) is measured as the spread of TPR at 1% FPR over many independent random draws.
+Every detector is asked through one contract (:mod:`kernels.detector`), so a new baseline or score is
+one more entry of the ``detectors`` mapping.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from kernels.bank import Bank
-from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
-from kernels.scoring import METHODS, covered, score
+from kernels.detector import Detector, Observations
 
-GRAY_LOW, GRAY_HIGH = 0.1, 0.9
 UNCHECKED_Z = 1e300  # standardized score of a row the detector cannot check: above every threshold and score
-
-
-def gray_pixel_score(images: np.ndarray) -> np.ndarray:
-    """``(N,)`` minus the number of pixels neither black nor white: the input-statistics baseline
-    (low = attacked, as for fingerprint scores). L-inf attacks turn many pixels gray."""
-    flat = images.reshape(len(images), -1)
-    return -((flat > GRAY_LOW) & (flat < GRAY_HIGH)).sum(axis=1).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Rows to score: ``acts (N, D) float32``, predicted ``labels (N,)``, ``images (N, C, H, W)``, and
-    ``checked (N,) bool``: whether the detector can check the row (its predicted class has at least
-    ``m`` fingerprints). An unchecked row is never flagged, as on the server: a miss when attacked."""
-
-    acts: np.ndarray
-    labels: np.ndarray
-    images: np.ndarray
-    checked: np.ndarray
-
-    @classmethod
-    def of(cls, acts: np.ndarray, labels: np.ndarray, images: np.ndarray, bank: Bank, m: int) -> "ImageSet":
-        return cls(acts, labels, images, covered(labels, bank, m))
 
 
 def detection_figures(clean_z: np.ndarray, attacked_z: np.ndarray, clean_thr: dict[float, np.ndarray],
@@ -60,108 +34,82 @@ def detection_figures(clean_z: np.ndarray, attacked_z: np.ndarray, clean_thr: di
     return out
 
 
-def calibrate_baseline(images: np.ndarray, fprs=DEFAULT_FPRS) -> Calibration:
-    """Global thresholds of the gray-pixel baseline on clean calibration images."""
-    s = gray_pixel_score(images)
-    return calibrate_threshold(s, np.zeros(len(s), np.int64), 1, "gray-pixels", 0, fprs)
+def _scored(detector: Detector, obs: Observations, rng: np.random.Generator) -> np.ndarray:
+    """Standardized scores of ``obs`` (one fresh draw per row), :data:`UNCHECKED_Z` where not checked."""
+    v = detector.detect(obs, rng=rng)
+    return np.where(v.checked, v.score, UNCHECKED_Z)
 
 
-def _checked_z(s: ImageSet, raw: np.ndarray, cal: Calibration) -> np.ndarray:
-    """Standardized scores of ``s``'s rows: those of the checked rows (``raw``), :data:`UNCHECKED_Z`
-    elsewhere."""
-    z = np.full(len(s.labels), UNCHECKED_Z)
-    z[s.checked] = cal.standardize(raw, s.labels[s.checked])
-    return z
+def evaluate_attack(detectors: dict[str, Detector], clean: Observations, attacked: Observations, seed: int,
+                    spread_draws: int = 100) -> tuple[dict[str, Any], dict]:
+    """Figures of every calibrated detector for one attack (pass successful attacked rows only).
 
-
-def _thresholds(s: ImageSet, cal: Calibration, fprs) -> dict[float, np.ndarray]:
-    return {f: cal.threshold(f, np.where(s.checked, s.labels, 0)) for f in fprs}
-
-
-def evaluate_attack(bank: Bank, calibrations: dict[str, Calibration], baseline: Calibration, clean: ImageSet,
-                    attacked: ImageSet, seed: int, spread_draws: int = 100) -> tuple[dict[str, Any], dict]:
-    """Figures for one attack (only successful attacked rows should be passed).
-
-    Rows the detector cannot check (``ImageSet.checked``) stay in both sets and are never flagged:
-    an unchecked attack is a miss, an unchecked clean image no false positive, as on the server.
-    TPRs are at the lowest calibrated FPR and the others; the spread is at the lowest.
-    Returns the figures and the ROC curves ``{name: (fpr, tpr)}`` for plotting.
+    The first detector is the one reported per class and, if randomized, over ``spread_draws``
+    independent draws. Rows a detector cannot check stay in both sets and are never flagged: an
+    unchecked attack is a miss, an unchecked clean image no false positive, as on the server. TPRs are
+    at every rate calibrated for the first detector (the others must have them too); the spread at the
+    lowest. Returns the figures and the ROC curves ``{name: (fpr, tpr)}`` for plotting.
     """
-    m = calibrations["lrt"].m
-    fprs = sorted(calibrations["lrt"].thresholds)
+    primary_name, primary = next(iter(detectors.items()))
+    fprs = sorted(primary.calibration.thresholds)
     f0 = fprs[0]
     rng = np.random.default_rng(seed)
-    ca, aa = clean.acts[clean.checked], attacked.acts[attacked.checked]
-    cl, al = clean.labels[clean.checked], attacked.labels[attacked.checked]
-    sc = score(ca, cl, bank, m, rng) if len(cl) else None
-    sa = score(aa, al, bank, m, rng) if len(al) else None
-    report: dict[str, Any] = {"n_clean": len(clean.labels), "n_attacked": len(attacked.labels),
-                              "unchecked_clean": int((~clean.checked).sum()),
-                              "unchecked_attacked": int((~attacked.checked).sum())}
-    curves = {}
-    for method in METHODS:
-        cal = calibrations[method]
-        cz = _checked_z(clean, sc.get(method) if sc else np.zeros(0), cal)
-        az = _checked_z(attacked, sa.get(method) if sa else np.zeros(0), cal)
-        report[method] = detection_figures(cz, az, _thresholds(clean, cal, fprs), _thresholds(attacked, cal, fprs))
-        if method == "lrt":
-            lrt_z = (cz, az)
-            curves["fingerprints (lrt)"] = roc_curve(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az])[:2]
-    zero_c, zero_a = np.zeros(len(clean.labels), np.int64), np.zeros(len(attacked.labels), np.int64)
-    bc = baseline.standardize(gray_pixel_score(clean.images), zero_c)
-    ba = baseline.standardize(gray_pixel_score(attacked.images), zero_a)
-    report["gray_pixels"] = detection_figures(bc, ba, {f: baseline.threshold(f, zero_c) for f in fprs},
-                                              {f: baseline.threshold(f, zero_a) for f in fprs})
-    curves["gray pixels"] = roc_curve(np.r_[np.zeros(len(bc)), np.ones(len(ba))], -np.r_[bc, ba])[:2]
-
-    cal = calibrations["lrt"]
-    thr_a = _thresholds(attacked, cal, [f0])[f0]
+    report: dict[str, Any] = {"n_clean": len(clean), "n_attacked": len(attacked), "detectors": list(detectors)}
+    curves, z = {}, {}
+    for name, det in detectors.items():
+        cz, az = _scored(det, clean, rng), _scored(det, attacked, rng)
+        report[name] = detection_figures(cz, az, {f: det.threshold(f, clean.labels) for f in fprs},
+                                         {f: det.threshold(f, attacked.labels) for f in fprs})
+        curves[name] = roc_curve(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az])[:2]
+        z[name] = (cz, az)
+    cz, az = z[primary_name]
+    checked_a = az < UNCHECKED_Z
+    report["unchecked_clean"] = int((cz >= UNCHECKED_Z).sum())
+    report["unchecked_attacked"] = int((~checked_a).sum())
+    thr_a = primary.threshold(f0, attacked.labels)
     per_class = {}
     for c in np.unique(attacked.labels):
         a, cl_mask = attacked.labels == c, clean.labels == c
-        entry = {"n_attacked": int(a.sum()), "unchecked": int((a & ~attacked.checked).sum()),
-                 f"tpr@{f0:g}": float((lrt_z[1][a] < thr_a[a]).mean())}
-        if cl_mask.sum() and (a & attacked.checked).any():
+        entry = {"n_attacked": int(a.sum()), "unchecked": int((a & ~checked_a).sum()),
+                 f"tpr@{f0:g}": float((az[a] < thr_a[a]).mean())}
+        if cl_mask.sum() and (a & checked_a).any():
             entry["auc"] = float(roc_auc_score(np.r_[np.zeros(cl_mask.sum()), np.ones(a.sum())],
-                                               -np.r_[lrt_z[0][cl_mask], lrt_z[1][a]]))
+                                               -np.r_[cz[cl_mask], az[a]]))
         per_class[int(c)] = entry
     report["per_class"] = per_class
-
-    tprs = []
-    for i in range(spread_draws):  # independent draws: a different detector family member each time
-        if sa is None:
-            tprs.append(0.0)
-            continue
-        s = score(aa, al, bank, m, np.random.default_rng([seed, i + 1])).lrt
-        tprs.append(float((cal.standardize(s, al) < thr_a[attacked.checked]).sum() / len(attacked.labels)))
-    report["spread"] = {"draws": spread_draws, "fpr": f0, "tpr_mean": float(np.mean(tprs)),
-                        "tpr_std": float(np.std(tprs)), "tpr_min": float(np.min(tprs))}
+    if primary.randomized:  # independent draws: a different member of the detector family each time
+        tprs = [float(primary.detect(attacked, f0, np.random.default_rng([seed, i + 1])).is_attacked.mean())
+                for i in range(spread_draws)]
+        report["spread"] = {"draws": spread_draws, "fpr": f0, "tpr_mean": float(np.mean(tprs)),
+                            "tpr_std": float(np.std(tprs)), "tpr_min": float(np.min(tprs))}
     return report, curves
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """One row per attack: fingerprint (LRT) figures beside the gray-pixel baseline. ``unchecked``
-    counts successful attacks predicted as a class the bank cannot check: they are counted as misses."""
+    """One row per attack: the first detector's figures (the fingerprint LRT), then AUC and TPR at the
+    lowest rate of every other detector (the other scores, the baselines). ``unchecked`` counts
+    successful attacks predicted as a class the bank cannot check: they are counted as misses."""
     fprs = report["fprs"]
     f0 = min(fprs)
+    attacks = report["attacks"]
+    first = next(iter(attacks.values()), {"detectors": []})
+    primary, others = first["detectors"][0] if first["detectors"] else None, first["detectors"][1:]
     head = (["attack", "attacked n", "unchecked", "AUC"] + [f"TPR@{f:g}" for f in fprs]
-            + [f"clean FPR@{f:g}" for f in fprs]
-            + [f"TPR@{f0:g} over draws (mean±std, min)", "vote AUC", "anomaly AUC", "gray-pixel AUC",
-               f"gray-pixel TPR@{f0:g}"])
+            + [f"clean FPR@{f:g}" for f in fprs] + [f"TPR@{f0:g} over draws (mean±std, min)"]
+            + [f"{name} {what}" for name in others for what in ("AUC", f"TPR@{f0:g}")])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in report["attacks"].items():
-        lrt, sp = r["lrt"], r["spread"]
-        row = ([name, str(r["n_attacked"]), str(r["unchecked_attacked"]), f"{lrt['auc']:.3f}"]
-               + [f"{lrt[f'tpr@{f:g}']:.3f}" for f in fprs] + [f"{lrt[f'fpr@{f:g}']:.3f}" for f in fprs]
-               + [f"{sp['tpr_mean']:.3f}±{sp['tpr_std']:.3f}, {sp['tpr_min']:.3f}",
-                  f"{r['vote']['auc']:.3f}", f"{r['anomaly']['auc']:.3f}",
-                  f"{r['gray_pixels']['auc']:.3f}", f"{r['gray_pixels'][f'tpr@{f0:g}']:.3f}"])
+    for name, r in attacks.items():
+        p, sp = r[primary], r.get("spread")
+        row = ([name, str(r["n_attacked"]), str(r["unchecked_attacked"]), f"{p['auc']:.3f}"]
+               + [f"{p[f'tpr@{f:g}']:.3f}" for f in fprs] + [f"{p[f'fpr@{f:g}']:.3f}" for f in fprs]
+               + [f"{sp['tpr_mean']:.3f}±{sp['tpr_std']:.3f}, {sp['tpr_min']:.3f}" if sp else ""]
+               + [f"{r[o][k]:.3f}" for o in others for k in ("auc", f"tpr@{f0:g}")])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_roc(curves: dict[str, dict], path: Path, operating_fpr: float = 0.01) -> None:
-    """ROC curves, one panel per attack, fingerprints against the gray-pixel baseline."""
+    """ROC curves, one panel per attack, one line per detector (the first solid)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,7 +127,7 @@ def plot_roc(curves: dict[str, dict], path: Path, operating_fpr: float = 0.01) -
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
     for ax, (name, cs) in zip(axes.ravel(), curves.items()):
         for label, (fpr, tpr) in cs.items():
-            ax.plot(fpr, tpr, label=label, ls="--" if "gray" in label else "-")
+            ax.plot(fpr, tpr, label=label, ls="-" if label == next(iter(cs)) else "--")
         ax.set_xscale("log")
         ax.set_xlim(1e-3, 1)
         ax.axvline(operating_fpr, color="gray", lw=0.5)

@@ -23,19 +23,22 @@ from export.attacks import (
     run_attack,
 )
 from export.datasets import DEFAULT_SPLIT_FRACTIONS, Dataset, Splits, load_dataset, split_dataset
-from export.fingerprint_search import SearchConfig, search_fingerprints
+from kernels.fingerprint_search import SearchConfig, search_fingerprints
 from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, predict, save_checkpoint
 from export.training import TrainingConfig, train_classifier
 from export.workspace import Workspace
 from kernels.bank import Bank
-from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
+from kernels.baselines import GrayPixels
+from kernels.calibration import DEFAULT_FPRS
+from kernels.detector import Detector, FingerprintDetector, Observations, bank_calibrations, fingerprint_detectors
 from kernels.errors import InvalidInputError, ModelMismatchError
-from kernels.scoring import METHODS, covered, score
+from kernels.scoring import METHODS, covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
 DEFAULT_M = 128                 # fingerprints drawn per input (see the README's measurements)
 DEFAULT_CALIBRATION_REPEATS = 10  # independent draws per calibration image
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
+DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "deepfool")  # what the demo sends
 
 
 def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
@@ -248,30 +251,6 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     return results
 
 
-def calibrate_draws(acts: np.ndarray, predicted: np.ndarray, bank: Bank, m: int, fprs: Sequence[float], seed: int,
-                    repeats: int, progress: bool = False) -> tuple[dict[str, Calibration], np.ndarray]:
-    """Calibrations of every score method for draws of ``m``, from the calibration split's activations
-    ``acts`` and predicted labels.
-
-    Returns the calibrations and the mask of images used (predicted as a class with at least ``m``
-    fingerprints).
-    """
-    keep = covered(predicted, bank, m)
-    if not keep.any():
-        raise InvalidInputError(f"no calibration image is predicted as a class with at least {m} fingerprints")
-    acts, predicted = acts[keep], predicted[keep]
-    rng = np.random.default_rng(seed)
-    from tqdm.auto import tqdm
-
-    runs = [score(acts, predicted, bank, m, rng)
-            for _ in tqdm(range(repeats), desc=f"calibrate m={m}", unit="draw", disable=not progress)]
-    labels, images = np.tile(predicted, repeats), np.tile(np.arange(len(predicted)), repeats)
-    cal = {method: calibrate_threshold(np.concatenate([r.get(method) for r in runs]), labels, bank.num_classes,
-                                       method, m, fprs, image_ids=images)
-           for method in METHODS}
-    return cal, keep
-
-
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
     """Thresholds for each false-positive rate, from the calibration split's clean images, under the
@@ -283,38 +262,39 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     started = time.time()
     bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
-    cal, keep = calibrate_draws(acts, meta["predicted"], bank, m, fprs, seed, repeats, progress)
-    bank = bank.with_meta(calibration={k: c.to_json() for k, c in cal.items()}, draws_per_input=m)
+    clean = Observations(meta["predicted"], acts=acts)
+    detectors = fingerprint_detectors(bank, m)
+    for detector in detectors.values():
+        detector.calibrate(clean, fprs, repeats, seed, progress)
+    bank = bank.with_meta(calibration=bank_calibrations(detectors), draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
+    lrt = detectors["lrt"].calibration
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
-              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in cal["lrt"].thresholds.items()}})
-    return {"m": m, "calibration_images": int(keep.sum()), "uncovered_images": int((~keep).sum()), "repeats": repeats}
-
-
-def load_calibrations(bank: Bank) -> dict[str, Calibration]:
-    if "calibration" not in bank.meta:
-        raise InvalidInputError("the bank is not calibrated: run `nfp calibrate` first")
-    return {k: Calibration.from_json(v) for k, v in bank.meta["calibration"].items()}
+              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.thresholds.items()}})
+    checked = int(lrt.counts.sum())
+    return {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats}
 
 
 def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bool = True) -> dict[str, Any]:
     """The evaluation report on the test split: ``report/evaluation.json``, ``.md`` and ``roc.png``."""
     from tqdm.auto import tqdm
 
-    from export.evaluation import ImageSet, calibrate_baseline, evaluate_attack, markdown_table, plot_roc
+    from export.evaluation import evaluate_attack, markdown_table, plot_roc
 
     started = time.time()
     ds, splits, _ = load_prepared(ws)
     bank = Bank.load(bank_dir(ws))
-    cals = load_calibrations(bank)
-    fprs = sorted(cals["lrt"].thresholds)
-    baseline = calibrate_baseline(ds.x[splits.calibration], fprs)
-    m = cals["lrt"].m
+    detectors: dict[str, Detector] = {method: FingerprintDetector.from_bank(bank, method) for method in METHODS}
+    fprs = sorted(detectors["lrt"].calibration.thresholds)
+    detectors["gray_pixels"] = GrayPixels()
+    detectors["gray_pixels"].calibrate(Observations(np.zeros(len(splits.calibration), np.int64),
+                                                    images=ds.x[splits.calibration]), fprs)
+    m = detectors["lrt"].draws.m
     test_acts, test_meta = load_activation_set(ws, "test", mmap=False)
-    clean = ImageSet.of(np.ascontiguousarray(test_acts), test_meta["predicted"], ds.x[test_meta["source"]], bank, m)
+    clean = Observations(test_meta["predicted"], acts=np.ascontiguousarray(test_acts), images=ds.x[test_meta["source"]])
     summary = ws.read_json(ws.attacks / "summary.json", "attack")
     report: dict[str, Any] = {"m": m, "fprs": fprs, "seed": seed, "attacks": {},
-                              "test_images_predicted_uncovered": int((~clean.checked).sum()),
+                              "test_images_predicted_uncovered": int((~covered(clean.labels, bank, m)).sum()),
                               "test_accuracy": float((test_meta["predicted"] == test_meta["label"]).mean())}
     curves = {}
     for label in tqdm(summary["eval"], desc="evaluate", unit="attack", disable=not progress):
@@ -324,8 +304,8 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
         if ok.sum() < 2:
             report["attacks"][label] = {"skipped": f"only {int(ok.sum())} successful attacks"}
             continue
-        attacked = ImageSet.of(np.ascontiguousarray(acts[ok]), meta["predicted"][ok], adv["x_adv"][ok], bank, m)
-        r, curves[label] = evaluate_attack(bank, cals, baseline, clean, attacked, seed, spread_draws)
+        attacked = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]), images=adv["x_adv"][ok])
+        r, curves[label] = evaluate_attack(detectors, clean, attacked, seed, spread_draws)
         report["attacks"][label] = {"params": summary["eval"][label]["params"],
                                     "success_rate": summary["eval"][label]["success_rate"], **r}
     out = ws.root / "report"
@@ -334,7 +314,7 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     table = markdown_table({**report, "attacks": evaluated})
     (out / "evaluation.md").write_text(
         f"# Evaluation on the test split\n\nm = {report['m']} fingerprints drawn per image; thresholds from the "
-        f"calibration split; {len(clean.labels)} clean test images, {report['test_images_predicted_uncovered']} of "
+        f"calibration split; {len(clean)} clean test images, {report['test_images_predicted_uncovered']} of "
         f"them predicted as a class the bank cannot check (never flagged). Successful attacks only; those the "
         f"bank cannot check (column 'unchecked') count as misses.\n\n{table}")
     plot_roc(curves, out / "roc.png", min(fprs))
@@ -362,152 +342,14 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     return report.to_json()
 
 
-def whitebox(ws: Workspace, fpr: float = 0.01, seed: int = 2, m_values: Sequence[int] | None = None,
-             bank_sizes: Sequence[int] | None = None, adaptive_eps: Sequence[float] = (), adaptive_count: int = 100,
-             adaptive_weight: float = 1.0, url: str | None = None, model: str = "guarded_classifier",
-             progress: bool = True) -> dict[str, Any]:
-    """The white-box experiment of :mod:`export.whitebox`; writes ``report/whitebox.{json,md,png}``
-    (``report/whitebox_served.*`` against a running server).
-
-    Filter strategy against every evaluation attack, and with ``adaptive_eps`` the detector-aware PGD,
-    for each bank size of ``bank_sizes`` (each class's strongest fingerprints; default: the whole bank)
-    and each ``m`` of ``m_values`` (default: the bank's calibrated ``m``). The server is replayed
-    offline, calibrated for ``fpr`` at each setting, unless ``url`` names a running Triton server: then
-    the images are sent to its ``model`` over gRPC and its verdicts count, at its own bank, ``m`` and
-    false-positive rate (read from its configuration).
-    """
-    from export.whitebox import RemoteServer, filter_experiment, plot_evasion, pooled, static_calibration
-
-    started = time.time()
-    full = Bank.load(bank_dir(ws))
-    summary = ws.read_json(ws.attacks / "summary.json", "attack")
-    client = None
-    if url:
-        from client.grpc_client import DetectorClient
-
-        client = DetectorClient(url, model)
-        served = client.detector_parameters()
-        if served.get("model_sha256") != full.meta.get("model_sha256"):
-            raise ModelMismatchError(f"the server at {url} serves model sha256 {served.get('model_sha256')}, the bank in "
-                                     f"{ws.root} belongs to {full.meta.get('model_sha256')}: attack the served model")
-        fpr, bank_sizes, m_values = float(served["false_positive_rate"]), None, None
-    m_values = list(m_values or [load_calibrations(full)["lrt"].m])
-    banks = [full] if not bank_sizes else [full.strongest(n) for n in bank_sizes]
-    results: dict[str, Any] = {"fpr": fpr, "server": {"url": url, "model": model} if url else "offline replay",
-                               "filter": []}
-    lines = ["| bank size | m | attack | attacked | local detector | passed locally | still flagged by the server "
-             "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|---|"]
-    mismatches = 0
-    calibration, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    evals = {label: (*load_activation_set(ws, f"eval_{label}"),  # memory-mapped: rows are copied when used
-                     ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")) for label in summary["eval"]}
-    from tqdm.auto import tqdm
-
-    steps = tqdm(total=len(banks) * len(m_values), desc="whitebox filter", unit="setting", disable=not progress)
-    for bank in banks:
-        size = int(bank.counts.max())
-        for m in m_values:
-            steps.update()
-            if client is None:
-                cals, keep = calibrate_draws(calibration, cal_meta["predicted"], bank, m, (fpr,), seed,
-                                             DEFAULT_CALIBRATION_REPEATS)
-                server_cal = cals["lrt"]
-            else:  # the attacker knows the served thresholds: those stored with the bank
-                server_cal = load_calibrations(bank)["lrt"]
-                keep = covered(cal_meta["predicted"], bank, m)
-            static_cal = static_calibration(calibration[keep], cal_meta["predicted"][keep], bank, fpr)
-            for label, (acts, meta, adv) in evals.items():
-                ok = adv["success"] & covered(meta["predicted"], bank, m)
-                if not ok.any():
-                    continue
-                remote = client and RemoteServer(client, adv["x_adv"][ok], meta["predicted"][ok], m)
-                r = filter_experiment(bank, server_cal, static_cal, np.ascontiguousarray(acts[ok]),
-                                      meta["predicted"][ok], fpr, seed, remote)
-                mismatches += remote.label_mismatches if remote else 0
-                results["filter"].append({"bank_size": size, "m": m, "attack": label, **r})
-                for local in ("static", "random"):
-                    e = r[local]
-                    lines.append(f"| {size} | {m} | {label} | {r['attacked']} | {local} | {e['passed_local']} "
-                                 f"| {e['flagged_by_server']} | {_evasion_cell(e)} |")
-    steps.close()
-    results["filter_pooled"] = pooled(results["filter"])
-    summary_lines = ["| bank size | m | local detector | attacked | passed locally | still flagged by the server "
-                     "| evasion rate (95% CI) |", "|---|---|---|---|---|---|---|"]
-    for p in results["filter_pooled"]:
-        summary_lines.append(f"| {p['bank_size']} | {p['m']} | {p['local']} | {p['attacked']} | {p['passed_local']} "
-                             f"| {p['flagged_by_server']} | {_evasion_cell(p)} |")
-    where = f"the Triton server at {url} ({model})" if url else "the server, replayed offline"
-    table = (f"Server: {where}; thresholds for {fpr:.0%} FPR.\n\nAll evaluation attacks pooled:\n\n"
-             + "\n".join(summary_lines) + "\n\nPer attack:\n\n" + "\n".join(lines) + "\n")
-    if adaptive_eps:
-        results["adaptive"], adaptive_table = adaptive(ws, banks, fpr, seed, m_values, adaptive_eps, adaptive_count,
-                                                       adaptive_weight, client, progress)
-        table += "\n## Detector-aware PGD\n\n" + adaptive_table
-    if client is not None:
-        results["server"]["label_mismatches"] = mismatches
-        client.close()
-    out = ws.root / "report"
-    out.mkdir(exist_ok=True)
-    name = "whitebox_served" if url else "whitebox"  # the served run keeps the offline report
-    (out / f"{name}.md").write_text("# White-box attacker: filter strategy (attacked images that pass a local "
-                                    "detector, sent to a randomized server)\n\n" + table)
-    plot_evasion(results, out / f"{name}.png")
-    files = [ws.write_json(out / f"{name}.json", results), out / f"{name}.md", out / f"{name}.png"]
-    ws.record(name, {"fpr": fpr, "seed": seed, "m_values": m_values, "bank_sizes": list(bank_sizes or []),
-                     "adaptive_eps": list(adaptive_eps), "adaptive_count": adaptive_count,
-                     "adaptive_weight": adaptive_weight, "url": url, "model": model}, files, started)
-    results["table"] = table
-    return results
-
-
-def _evasion_cell(e: dict[str, Any]) -> str:
-    if e["evasion_rate"] is None:
-        return ""
-    return f"{e['evasion_rate']:.3f} ({e['evasion_ci95'][0]:.3f}-{e['evasion_ci95'][1]:.3f})"
-
-
-def adaptive(ws: Workspace, banks: Sequence[Bank], fpr: float, seed: int, m_values: Sequence[int],
-             eps_values: Sequence[float], count: int, weight: float, client=None,
-             progress: bool = False) -> tuple[list[dict[str, Any]], str]:
-    """Strategy 2: detector-aware PGD (weight > 0) against each bank, beside plain PGD (weight 0), on
-    ``count`` test images; scored against the static detector of the bank and randomized servers
-    (replayed offline for each ``m``, or the running server behind ``client``)."""
-    from export.adaptive_attack import detector_aware_pgd
-    from export.whitebox import RemoteServer, adaptive_experiment, offline_server, static_calibration
-
+def demo_images(ws: Workspace) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Clean test images with their labels, and each demo attack's successful adversarial images."""
     ds, splits, _ = load_prepared(ws)
-    model = load_classifier(ws)
-    layout = ActivationLayout.from_json(banks[0].meta["layout"])
-    test = correctly_classified(model, ds, splits.test)[:count]
-    x, y = ds.x[test], ds.y[test]
-    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    rng = np.random.default_rng(seed)
-    results: list[dict[str, Any]] = []
-    names = ["server"] if client else [f"random_m{m}" for m in m_values]
-    lines = ["| eps | detector weight | bank size | attacked | misclassified | evade static | "
-             + " | ".join(f"evade {n}" for n in names) + " |", "|---" * (6 + len(names)) + "|"]
-    from tqdm.auto import tqdm
-
-    for eps in tqdm(eps_values, desc="detector-aware PGD", unit="eps", disable=not progress):
-        plain = detector_aware_pgd(model, layout, banks[0], x, y, eps, weight=0.0, seed=seed)  # needs no bank
-        for bank in banks:
-            keep = covered(cal_meta["predicted"], bank, 1)
-            static_cal = static_calibration(cal_acts[keep], cal_meta["predicted"][keep], bank, fpr)
-            cals = ({} if client else
-                    {m: calibrate_draws(cal_acts, cal_meta["predicted"], bank, m, (fpr,), seed,
-                                         DEFAULT_CALIBRATION_REPEATS)[0]["lrt"] for m in m_values})
-            for w in (0.0, weight):
-                x_adv = plain if w == 0 else detector_aware_pgd(model, layout, bank, x, y, eps, weight=w, seed=seed)
-                acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
-                labels = logits.argmax(1)
-                ok = covered(labels, bank, max(m_values))
-                acts, labels = acts[ok], labels[ok]
-                servers = ({"server": RemoteServer(client, x_adv[ok], labels, m_values[0])} if client else
-                           {f"random_m{m}": offline_server(bank, cal, acts, labels, fpr, rng) for m, cal in cals.items()})
-                r = adaptive_experiment(bank, servers, static_cal, acts, labels, y[ok], fpr)
-                r = {"eps": eps, "weight": w, "bank_size": int(bank.counts.max()), **r}
-                results.append(r)
-                cells = [f"{r[n]['evasion_rate']:.3f}" for n in ("static", *names)]
-                lines.append(f"| {eps:g} | {w:g} | {r['bank_size']} | {r['attacked']} | {r['misclassified']} | "
-                             + " | ".join(cells) + " |")
-    return results, "\n".join(lines) + "\n"
+    attacked = {}
+    for name in DEMO_ATTACKS:
+        path = ws.attacks / "eval" / f"{name}.npz"
+        if path.exists():
+            adv = ws.load_npz(path, "attack")
+            if adv["success"].any():
+                attacked[name] = adv["x_adv"][adv["success"]]
+    return ds.x[splits.test], ds.y[splits.test], attacked

@@ -15,7 +15,7 @@ import time
 import numpy as np
 from scipy import stats
 
-from export.fingerprint_search import SearchConfig, search_class
+from kernels.fingerprint_search import SearchConfig, search_class
 
 ROWS = 400
 

@@ -28,7 +28,7 @@ EFFICIENTNET_LAYERS = ("_avg_pooling", "_fc")
 def write_synthetic_out(out: Path, architecture: str = "efficientnet-lite0", input_shape=(3, 224, 224),
                         num_classes: int = 1000, layers=EFFICIENTNET_LAYERS, per_class: int = 1000, k: int = 5,
                         m: int = 128, seed: int = 0) -> Path:
-    """Write ``model.onnx``, ``bank/`` and ``data.json`` as :func:`export.repository.write_repository` reads them."""
+    """Write ``model.onnx``, ``bank/`` and ``data.json`` as :func:`model_repository.writer.write_repository` reads them."""
     from kernels.benchmark import synthetic_bank
 
     out = Path(out)

@@ -166,7 +166,7 @@ class Bank:
 
     @classmethod
     def from_fingerprints(cls, per_class: list, num_neurons: int, meta: dict[str, Any] | None = None) -> "Bank":
-        """Pack :class:`export.fingerprint_search.ClassFingerprints` (one per class) into the runtime layout."""
+        """Pack :class:`kernels.fingerprint_search.ClassFingerprints` (one per class) into the runtime layout."""
         neurons = [n for fp in per_class for n in fp.neurons]
         kmax = max((len(n) for n in neurons), default=1)
         indices = np.full((len(neurons), kmax), num_neurons, np.int32)

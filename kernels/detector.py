@@ -1,154 +1,305 @@
-"""The served detector: randomized neural-fingerprint detection of a classifier's outputs.
+"""The detector contract: one way to fit, calibrate and ask any detector, served or offline.
 
-Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: load the bank once (refusing a bank
-built for another model), and for every input draw its own ``m`` fingerprints from the bank of the
-predicted class with a generator seeded from the operating system's CSPRNG, compute all their values
-in one gather-reduce (:mod:`kernels.scoring`, or the CUDA kernel of :mod:`kernels.gpu`), standardize the
-likelihood-ratio score for the predicted class and compare it with the threshold calibrated for the
-configured false-positive rate.
+In the style of IBM ART's detectors (``fit``, then ``detect`` -> per-input flags), with calibration
+explicit because every threshold here is set on held-out clean images at a chosen false-positive rate:
 
-Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
-``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
-tested directly.
+    detector = FingerprintDetector(bank, RandomDraws(m=128))     # or .fit(clean, attacked) from nothing
+    detector.calibrate(clean_calibration, fprs=(0.01, 0.05), repeats=10)
+    verdicts = detector.detect(Observations(labels, acts=acts))  # Verdicts(score, is_attacked, checked, draws)
+
+A detector looks at :class:`Observations` (predicted labels and whatever it needs of activations,
+images and logits), turns them into one raw score per input (low = attacked), standardizes it with the
+clean statistics of the predicted class and compares it with the calibrated threshold
+(:mod:`kernels.calibration`). Every detector of the project implements it: the randomized neural
+fingerprints (Fisher, Shahar & Resheff, 2024, Sec. 3.3) with a pluggable draw policy and backend,
+their static all-fingerprint variant, the baselines (:mod:`kernels.baselines`) and, in the white-box
+experiment, a running Triton server. The served models run :class:`FingerprintDetector` through
+:mod:`model_repository.serving`.
 """
 from __future__ import annotations
 
-import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from kernels.bank import Bank
-from kernels.calibration import Calibration
-from kernels.errors import FingerprintError
-from kernels.scoring import check_activations, covered, score, secure_rng
-
-METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
-           ("nfp_flagged_total", "Inputs flagged as attacked"),
-           ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"),
-           ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints"))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
+from kernels.errors import InvalidInputError
+from kernels.scoring import METHODS, NumpyScorer, check_labels, covered, draw_fingerprints, secure_rng
 
 
 @dataclass(frozen=True)
-class Detection:
-    """Verdicts for a batch; :meth:`per_request` splits them into the responses' tensors.
+class Observations:
+    """What detectors may look at for a batch of ``B`` inputs.
 
-    Every image is answered. ``checked`` says whether the detector could check it: an image predicted
-    as a class with fewer than ``m`` fingerprints (a partial bank) is classified but not checked; its
-    ``score`` is NaN, ``is_attacked`` False and its ``fingerprint_ids`` row -1.
+    Attributes:
+        labels: ``(B,) int`` the classifier's predicted classes.
+        acts: ``(B, D) float32`` activations in the bank's layout (NumPy; on the GPU backend also a
+            CuPy array or a DLPack-capable GPU tensor).
+        images: ``(B, C, H, W)`` the inputs themselves.
+        logits: ``(B, C)`` the classifier's logits.
+        validated: ``acts`` were already checked for dtype, shape and finite values (the server checks
+            each request on its own, to answer a bad one with its own error); not checked again.
     """
 
-    labels: np.ndarray  # (B,) int64 predicted classes
-    probabilities: np.ndarray  # (B, C) float32 softmax of the logits
-    score: np.ndarray  # (B,) float32 standardized LRT score, low = attacked; NaN where not checked
-    is_attacked: np.ndarray  # (B,) bool
-    checked: np.ndarray  # (B,) bool
-    fingerprint_ids: np.ndarray  # (B, m) int64 this batch's draws; -1 where not checked
-    kernel_s: float  # seconds spent drawing and scoring
+    labels: np.ndarray
+    acts: object = None
+    images: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    validated: bool = False
 
-    def per_request(self, sizes: list[int]) -> list[dict[str, np.ndarray]]:
-        """The served output tensors of consecutive requests of ``sizes`` inputs each, named as in the
-        model configs."""
-        bounds = np.cumsum([0, *sizes])
-        return [{"label": self.labels[a:b, None], "probabilities": self.probabilities[a:b],
-                 "score": self.score[a:b, None], "is_attacked": self.is_attacked[a:b, None],
-                 "checked": self.checked[a:b, None], "fingerprint_ids": self.fingerprint_ids[a:b]}
-                for a, b in zip(bounds[:-1], bounds[1:])]
+    def __len__(self) -> int:
+        return len(self.labels)
 
+    def take(self, rows: np.ndarray) -> "Observations":
+        """The observations of ``rows`` (indices or a mask), host arrays only."""
+        pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
+        return Observations(np.asarray(self.labels)[rows], pick(self.acts), pick(self.images), pick(self.logits),
+                            self.validated)
 
-class DetectorMetrics:
-    """Prometheus counters of a detecting model (``pb_utils`` is Triton's module, passed in so this
-    file imports without Triton): inputs answered, inputs flagged, inputs left unchecked, kernel microseconds."""
-
-    def __init__(self, pb_utils, model: str) -> None:
-        # keep the families alive: a Metric fails once its MetricFamily is garbage-collected
-        self.families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-                         for name, text in METRICS]
-        self.inputs, self.flagged, self.unchecked, self.kernel_us = (f.Metric(labels={"model": model})
-                                                                     for f in self.families)
-
-    def record(self, detection: Detection) -> None:
-        self.inputs.increment(len(detection.labels))
-        self.flagged.increment(int(detection.is_attacked.sum()))
-        self.unchecked.increment(int((~detection.checked).sum()))
-        self.kernel_us.increment(int(detection.kernel_s * 1e6))
+    def need(self, field: str, who: str):
+        value = getattr(self, field)
+        if value is None:
+            raise InvalidInputError(f"the {who} detector needs {field}, which these observations lack")
+        return value
 
 
-class Detector:
-    """Bank, calibration and CSPRNG-seeded draws of one served model.
+@dataclass(frozen=True)
+class Verdicts:
+    """A detector's answer for ``B`` inputs.
+
+    Attributes:
+        score: ``(B,) float64`` standardized score, low = attacked; NaN where not checked.
+        is_attacked: ``(B,) bool`` score below the threshold of the operating false-positive rate.
+        checked: ``(B,) bool`` whether the detector could check the input (a fingerprint detector cannot
+            check an input predicted as a class with fewer fingerprints than it draws); an unchecked
+            input is never flagged.
+        draws: ``(B, m) int64`` the fingerprints drawn for each input, -1 where not checked; ``(B, 0)``
+            for detectors that draw nothing.
+    """
+
+    score: np.ndarray
+    is_attacked: np.ndarray
+    checked: np.ndarray
+    draws: np.ndarray
+
+
+class Detector(ABC):
+    """A calibrated attack detector. Subclasses compute raw scores; calibration, standardization and
+    thresholds are common to all.
+
+    Attributes:
+        name: how reports call it.
+        num_classes: classes of its per-class statistics (1 for a class-agnostic score).
+        randomized: whether two calls on the same input may score it differently (then calibration
+            pools several independent draws per image).
+        calibration: set by :meth:`calibrate` (or given).
+        fpr: the operating false-positive rate of :meth:`detect`; default the lowest calibrated.
+    """
+
+    name = "detector"
+    num_classes = 1
+    randomized = False
+    draw_size = 0
+
+    def __init__(self, calibration: Calibration | None = None, fpr: float | None = None) -> None:
+        self.calibration, self.fpr = calibration, fpr
+        if calibration is not None:
+            self._set_operating_fpr(fpr)
+
+    @abstractmethod
+    def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(score (B,) float64, checked (B,) bool, draws (B, m) int64)``; score NaN and draws -1 where
+        not checked; low scores mean attacked."""
+
+    def fit(self, clean: Observations, attacked: Observations) -> "Detector":
+        """Learn from clean inputs and inputs attacked into their labels; a detector without
+        parameters has nothing to learn."""
+        return self
+
+    def class_labels(self, labels: np.ndarray) -> np.ndarray:
+        """The class whose statistics and threshold apply to each input."""
+        labels = np.asarray(labels, np.int64)
+        return labels if self.num_classes > 1 else np.zeros_like(labels)
+
+    def calibrate(self, clean: Observations, fprs: Sequence[float] = DEFAULT_FPRS, repeats: int = 1, seed: int = 0,
+                  progress: bool = False) -> Calibration:
+        """Standardization and thresholds from clean calibration inputs (never the test inputs).
+
+        A randomized detector scores every image under ``repeats`` independent draws, pooled with the
+        image named (:func:`kernels.calibration.calibrate_threshold` counts images, not scores).
+        """
+        from tqdm.auto import tqdm
+
+        rng = np.random.default_rng(seed)
+        repeats = repeats if self.randomized else 1
+        runs = [self.raw_scores(clean, rng)
+                for _ in tqdm(range(repeats), desc=f"calibrate {self.name}", unit="draw", disable=not progress)]
+        checked = runs[0][1]
+        if not checked.any():
+            raise InvalidInputError(f"no calibration image can be checked by the {self.name} detector "
+                                    f"(each is predicted as a class with fewer than {self.draw_size} fingerprints)")
+        labels = self.class_labels(clean.labels[checked])
+        self.calibration = calibrate_threshold(
+            np.concatenate([s[checked] for s, _, _ in runs]), np.tile(labels, repeats), self.num_classes, self.name,
+            self.draw_size, fprs, image_ids=np.tile(np.arange(len(labels)), repeats))
+        self._set_operating_fpr(self.fpr)
+        return self.calibration
+
+    def _set_operating_fpr(self, fpr: float | None) -> None:
+        calibrated = sorted(self.calibration.thresholds)
+        self.fpr = min(calibrated) if fpr is None or fpr not in calibrated else float(fpr)
+        if fpr is not None and fpr not in calibrated:
+            raise InvalidInputError(f"no threshold calibrated for FPR {fpr}; calibrated: {calibrated}")
+
+    def threshold(self, fpr: float, labels: np.ndarray) -> np.ndarray:
+        """``(B,)`` the threshold on standardized scores at ``fpr`` for inputs predicted as ``labels``."""
+        return self._calibrated().threshold(fpr, self.class_labels(labels))
+
+    def _calibrated(self) -> Calibration:
+        if self.calibration is None:
+            raise InvalidInputError(f"the {self.name} detector is not calibrated: call calibrate() first")
+        return self.calibration
+
+    def detect(self, obs: Observations, fpr: float | None = None, rng: np.random.Generator | None = None) -> Verdicts:
+        """Verdicts for ``obs`` at the calibrated false-positive rate ``fpr`` (default the operating one);
+        ``rng`` draws for a randomized detector (default fresh OS entropy)."""
+        cal = self._calibrated()
+        raw, checked, draws = self.raw_scores(obs, rng)
+        labels = self.class_labels(obs.labels)
+        z = np.full(len(raw), np.nan)
+        z[checked] = cal.standardize(raw[checked], labels[checked])
+        flagged = np.zeros(len(raw), bool)
+        flagged[checked] = z[checked] < cal.threshold(self.fpr if fpr is None else fpr, labels[checked])
+        return Verdicts(z, flagged, checked, draws)
+
+
+class RandomDraws:
+    """The paper's draw policy: ``m`` fingerprints per input, uniformly with replacement from the bank
+    of its predicted class, fresh for every input."""
+
+    randomized = True
+
+    def __init__(self, m: int) -> None:
+        if m < 1:
+            raise InvalidInputError(f"m (fingerprints per input) must be at least 1, got {m}")
+        self.m = int(m)
+
+    def covers(self, labels: np.ndarray, bank: Bank) -> np.ndarray:
+        return covered(labels, bank, self.m)
+
+    def groups(self, labels: np.ndarray, bank: Bank, rng: np.random.Generator):
+        """``[(rows, ids (len(rows), m))]``: which inputs are scored with which fingerprints."""
+        yield np.arange(len(labels)), draw_fingerprints(labels, bank, self.m, rng)
+
+
+class AllFingerprints:
+    """A static policy: every fingerprint of the predicted class, the same for every input (the
+    white-box attacker's local copy; the expectation of what random draws estimate)."""
+
+    randomized = False
+    m = 0  # as many as the class has
+
+    def covers(self, labels: np.ndarray, bank: Bank) -> np.ndarray:
+        return covered(labels, bank, 1)
+
+    def groups(self, labels: np.ndarray, bank: Bank, rng: np.random.Generator):
+        for c in np.unique(labels):
+            rows = np.flatnonzero(labels == c)
+            ids = np.arange(bank.class_offsets[c], bank.class_offsets[c + 1])
+            yield rows, np.ascontiguousarray(np.broadcast_to(ids, (len(rows), len(ids))))
+
+
+class FingerprintDetector(Detector):
+    """Neural fingerprints (Fisher, Shahar & Resheff, 2024): the values of fingerprints of the predicted
+    class's bank, drawn by ``draws``, scored by ``method`` (``lrt``: the Gaussian likelihood ratio;
+    ``vote``; ``anomaly``: see :mod:`kernels.scoring`).
 
     Args:
-        bank_dir: the calibrated bank exported with the model.
-        model_sha256: the served ONNX file's SHA-256; a bank bound to another model is refused.
-        false_positive_rate: which calibrated threshold decides ``is_attacked``.
-        gpu: score with the CUDA kernel (activations may then be GPU tensors).
-        device_id: the CUDA device of this model instance (Triton's ``model_instance_device_id``).
+        bank: the fingerprint bank (:meth:`fit` searches one).
+        draws: :class:`RandomDraws` (the paper; what the server runs) or :class:`AllFingerprints`.
+        method: which score.
+        backend: the scorer, :class:`kernels.scoring.NumpyScorer` (default) or
+            :class:`kernels.gpu.GpuScorer` (the CUDA kernels; activations may live on the GPU).
+        calibration, fpr: see :class:`Detector`.
     """
 
-    def __init__(self, bank_dir: Path, model_sha256: str, false_positive_rate: float = 0.01, gpu: bool = False,
-                 device_id: int = 0):
-        self.bank = Bank.load(Path(bank_dir), model_sha256=model_sha256)
-        self.calibration = Calibration.from_json(self.bank.meta["calibration"]["lrt"])
-        self.m = self.calibration.m
-        self.fpr = float(false_positive_rate)
-        self.calibration.threshold(self.fpr, np.zeros(1, np.int64))  # fail at load if not calibrated
-        self.bank.lrt_params  # build the scoring table now, not on the first request
-        self.rng = secure_rng()
-        self.gpu = None
-        if gpu:
-            from kernels.gpu import GpuScorer
+    def __init__(self, bank: Bank | None = None, draws: RandomDraws | AllFingerprints = RandomDraws(128),
+                 method: str = "lrt", backend=None, calibration: Calibration | None = None,
+                 fpr: float | None = None) -> None:
+        if method not in METHODS:
+            raise InvalidInputError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
+        self.draws, self.method = draws, method
+        self.randomized, self.draw_size = draws.randomized, draws.m
+        self.name = method if draws.randomized else f"{method}-static"
+        self.backend = backend
+        self.bank = None
+        if bank is not None:
+            self._set_bank(bank)
+        if calibration is not None and calibration.m != draws.m:
+            raise InvalidInputError(f"the calibration was set for draws of {calibration.m} fingerprints, the "
+                                    f"detector draws {draws.m}: calibrate again")
+        super().__init__(calibration, fpr)
 
-            self.gpu = GpuScorer(self.bank, device_id)
+    def _set_bank(self, bank: Bank) -> None:
+        self.bank, self.num_classes = bank, bank.num_classes
+        self.backend = self.backend or NumpyScorer(bank)
 
-    def check(self, logits: np.ndarray, acts):
-        """Predicted labels ``(B,)`` of one request's ``logits (B, C)`` and ``acts (B, D)``, and the
-        activations to score (on the GPU path a checked CuPy view of a GPU tensor); raises
-        :class:`FingerprintError` naming the problem if the request is malformed. Activations are
-        validated per request on both paths, so one bad request fails alone. An image predicted as a
-        class the bank cannot check is no error: :meth:`detect` answers it unchecked."""
-        if isinstance(acts, np.ndarray) or self.gpu is None:
-            check_activations(acts, self.bank.num_neurons)
-        else:
-            acts = self.gpu.as_device_array(acts)
-        if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes or len(logits) != len(acts):
-            raise FingerprintError(f"logits must have shape ({len(acts)}, {self.bank.num_classes}), got {logits.shape}")
-        if not np.isfinite(logits).all():
-            raise FingerprintError("logits hold NaN or infinite values")
-        return logits.argmax(axis=1), acts
+    @classmethod
+    def from_bank(cls, bank: Bank, method: str = "lrt", fpr: float | None = None, backend=None) -> "FingerprintDetector":
+        """The detector the bank was calibrated for (``nfp calibrate`` stores the calibration and its ``m``)."""
+        if "calibration" not in bank.meta or method not in bank.meta["calibration"]:
+            raise InvalidInputError("the bank is not calibrated: run `nfp calibrate` first")
+        cal = Calibration.from_json(bank.meta["calibration"][method])
+        return cls(bank, RandomDraws(cal.m), method, backend, cal, fpr)
 
-    def detect(self, logits: np.ndarray, labels: np.ndarray, acts: list) -> Detection:
-        """Verdicts for a batch of requests that passed :meth:`check`.
+    def fit(self, clean: Observations, attacked: Observations, config=None, progress: bool = False
+            ) -> "FingerprintDetector":
+        """Search the bank (Sec. 3.1-3.2): ``clean`` holds correctly classified clean inputs labelled with
+        their class, ``attacked`` inputs attacked into a class labelled with that class; ``config`` a
+        :class:`kernels.fingerprint_search.SearchConfig`. Any calibration is dropped."""
+        from kernels.fingerprint_search import SearchConfig, search_fingerprints
 
-        ``logits (B, C)`` and ``labels (B,)`` of all requests; ``acts`` their activations as
-        :meth:`check` returned them, one array per request.
-        """
-        start = time.perf_counter()
+        c, a = clean.need("acts", self.name), attacked.need("acts", self.name)
+        num_classes = int(max(clean.labels.max(), attacked.labels.max())) + 1
+        per_class = search_fingerprints(np.asarray(c), clean.labels, np.asarray(a), attacked.labels, num_classes,
+                                        config or SearchConfig(), progress)
+        self.backend = None if isinstance(self.backend, NumpyScorer) else self.backend
+        self._set_bank(Bank.from_fingerprints(per_class, c.shape[1]))
+        self.calibration = None
+        return self
+
+    def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None):
+        if self.bank is None:
+            raise InvalidInputError("the fingerprint detector has no bank: fit() it or give one")
+        acts = obs.need("acts", self.name)
+        if not obs.validated:
+            acts = self.backend.check(acts)
+        labels = check_labels(obs.labels, acts.shape[0], self.bank)
         b = len(labels)
-        checked = covered(labels, self.bank, self.m)
+        checked = self.draws.covers(labels, self.bank)
         raw = np.full(b, np.nan)
-        ids = np.full((b, self.m), -1, np.int64)
-        if checked.any():
-            rows = None if checked.all() else np.flatnonzero(checked)  # score only what can be checked
-            if self.gpu is None:
-                batch = acts[0] if len(acts) == 1 else np.concatenate(acts)
-                scores = score(batch if rows is None else batch[rows], labels[checked], self.bank, self.m, self.rng,
-                               checked=True, lrt_only=True)
-            else:
-                cp = self.gpu.cp
-                with self.gpu.device:
-                    dev = acts[0] if len(acts) == 1 else cp.concatenate([cp.asarray(a) for a in acts])
-                    dev = dev if rows is None else cp.ascontiguousarray(dev[cp.asarray(rows)])
-                    scores = self.gpu.lrt(dev, labels[checked], self.m, self.rng, checked=True)
-            raw[checked], ids[checked] = scores.lrt, scores.ids
-        kernel_s = time.perf_counter() - start
-        z = np.full(b, np.nan, np.float32)
-        z[checked] = self.calibration.standardize(raw[checked], labels[checked])
-        flagged = np.zeros(b, bool)
-        flagged[checked] = z[checked] < self.calibration.threshold(self.fpr, labels[checked])
-        return Detection(labels.astype(np.int64), softmax(logits), z, flagged, checked, ids, kernel_s)
+        draws = np.full((b, self.draws.m), -1, np.int64)
+        if not checked.any():
+            return raw, checked, draws
+        rows = np.flatnonzero(checked)
+        acts = acts if len(rows) == b else self.backend.take_rows(acts, rows)
+        for group, ids in self.draws.groups(labels[rows], self.bank, rng or secure_rng()):
+            part = acts if len(group) == len(rows) else self.backend.take_rows(acts, group)
+            raw[rows[group]] = self.backend.scores(part, ids, self.method)
+            if self.draws.m:
+                draws[rows[group]] = ids
+        return raw, checked, draws
+
+
+def fingerprint_detectors(bank: Bank, m: int, methods: Sequence[str] = METHODS) -> dict[str, FingerprintDetector]:
+    """One uncalibrated randomized detector per score method on ``bank``, drawing ``m``."""
+    return {method: FingerprintDetector(bank, RandomDraws(m), method) for method in methods}
+
+
+def bank_calibrations(detectors: dict[str, Detector]) -> dict[str, dict]:
+    """The calibrations to store in ``bank.json`` (:meth:`FingerprintDetector.from_bank` reads them)."""
+    return {name: d._calibrated().to_json() for name, d in detectors.items()}

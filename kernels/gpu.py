@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels.bank import Bank
 from kernels.errors import FingerprintError, InvalidInputError
-from kernels.scoring import Scores, check_ids, check_labels, draw_fingerprints, secure_rng
+from kernels.scoring import Scores, check_covered, check_ids, check_labels, draw_fingerprints, secure_rng
 
 KERNEL_SOURCE = Path(__file__).with_name("fingerprint_kernel.cu")
 SCORES_KERNEL, LRT_KERNEL = "fingerprint_scores", "fingerprint_lrt"
@@ -100,10 +100,27 @@ class GpuScorer:
                 raise InvalidInputError(f"activations of rows {rows} hold NaN or infinite values")
         return acts
 
+    check = as_device_array  # the backend contract of kernels.detector.FingerprintDetector
+
+    def take_rows(self, acts, rows: np.ndarray):
+        with self.device:
+            return self.cp.ascontiguousarray(acts[self.cp.asarray(rows)])
+
+    def scores(self, acts, ids: np.ndarray, method: str) -> np.ndarray:
+        """``(B,)`` scores by ``method`` of checked device ``acts (B, D)`` for the fingerprints ``ids (B, m)``
+        (drawn inside each input's class): the LRT kernel for ``lrt``, the three-score kernel otherwise."""
+        if method == "lrt":
+            return self.lrt(acts, None, ids.shape[1], ids=ids, checked=True).lrt
+        return self.score(acts, None, ids.shape[1], ids=ids, checked=True).get(method)
+
     def _draws(self, acts, labels: np.ndarray, m: int, rng, ids, checked: bool = False):
         if not checked:  # the served detector checked its labels already (covered classes only)
-            labels = check_labels(np.asarray(labels), acts.shape[0], self.bank, m if ids is None else 1)
-        ids = draw_fingerprints(labels, self.bank, m, rng or secure_rng()) if ids is None else check_ids(ids, labels, self.bank)
+            labels = check_labels(labels, acts.shape[0], self.bank)
+            check_covered(labels, self.bank, m if ids is None else 1)
+        if ids is None:
+            ids = draw_fingerprints(labels, self.bank, m, rng or secure_rng())
+        elif not checked:
+            ids = check_ids(ids, labels, self.bank)
         return ids, self.cp.asarray(np.ascontiguousarray(ids, dtype=np.int64))
 
     def _after_producers(self) -> None:
@@ -134,12 +151,12 @@ class GpuScorer:
         return Scores(ids, np.zeros((b, 0), np.float32), lrt.astype(np.float64))
 
     def score(self, acts, labels: np.ndarray, m: int, rng: np.random.Generator | None = None,
-              ids: np.ndarray | None = None) -> Scores:
+              ids: np.ndarray | None = None, checked: bool = False) -> Scores:
         """Same contract as :func:`kernels.scoring.score`; results come back to the host."""
         cp = self.cp
         with self.device:
-            acts = self.as_device_array(acts)
-            ids, ids_d = self._draws(acts, labels, m, rng, ids)
+            acts = self.as_device_array(acts) if not checked else acts
+            ids, ids_d = self._draws(acts, labels, m, rng, ids, checked)
             b, m = ids.shape
             values = cp.empty((b, m), cp.float32)
             scores = cp.empty((b, 3), cp.float32)

@@ -78,18 +78,23 @@ def check_activations(acts: np.ndarray, num_neurons: int) -> np.ndarray:
     return acts
 
 
-def check_labels(labels: np.ndarray, batch: int, bank: Bank, m: int) -> np.ndarray:
+def check_labels(labels: np.ndarray, batch: int, bank: Bank) -> np.ndarray:
+    """``(B,) int64`` predicted classes, each a class of the bank; names the problem otherwise."""
     labels = np.asarray(labels)
     if labels.shape != (batch,) or not np.issubdtype(labels.dtype, np.integer):
         raise InvalidInputError(f"labels must be ({batch},) integers, got {labels.dtype} {labels.shape}")
-    if labels.min() < 0 or labels.max() >= bank.num_classes:
+    if batch and (labels.min() < 0 or labels.max() >= bank.num_classes):
         raise InvalidInputError(f"labels must lie in [0, {bank.num_classes}) (the bank's classes), "
                                 f"got [{labels.min()}, {labels.max()}]")
+    return labels.astype(np.int64)
+
+
+def check_covered(labels: np.ndarray, bank: Bank, m: int) -> None:
+    """Every label's class must hold at least ``m`` fingerprints to draw from."""
     short = np.unique(labels[~covered(labels, bank, m)]).tolist()
     if short:
         raise InvalidInputError(f"class(es) {short} have fewer fingerprints ({bank.counts[short].tolist()}) than the "
                                 f"{m} drawn per input; search more candidates or draw fewer")
-    return labels.astype(np.int64)
 
 
 def covered(labels: np.ndarray, bank: Bank, m: int) -> np.ndarray:
@@ -163,25 +168,33 @@ def subset_means(acts: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     return sums if uniform else sums / bank.lengths[ids]
 
 
-def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """LRT, vote and anomaly scores ``(B,)`` of fingerprint values ``(B, m)``."""
-    cs, as_ = bank.clean_std[ids], bank.attacked_std[ids]
-    zc = (values - bank.clean_mean[ids]) / cs
-    za = (values - bank.attacked_mean[ids]) / as_
-    log_cs = np.log(cs)
-    clean_ll = -0.5 * zc * zc - log_cs
-    lrt = clean_ll + 0.5 * za * za + np.log(as_)
-    vote = (np.abs(zc) < np.abs(za)).mean(axis=1)
-    return lrt.mean(axis=1, dtype=np.float64), vote.astype(np.float64), clean_ll.mean(axis=1, dtype=np.float64) - HALF_LOG_2PI
+def log_likelihood_ratio(values, clean_mean, inv_clean_std, attacked_mean, inv_attacked_std, log_std_ratio):
+    """The paper's per-fingerprint statistic, ``log N(v; clean) - log N(v; attacked)`` (Sec. 3.3), from a
+    fingerprint's value and its two Gaussians (``log_std_ratio = log(attacked_std / clean_std)``).
+
+    The one definition of the LRT: NumPy, CuPy and torch tensors all go through it (the white-box
+    attack differentiates it), and the CUDA kernels are tested against it. Elementwise, broadcasting.
+    """
+    zc = (values - clean_mean) * inv_clean_std
+    za = (values - attacked_mean) * inv_attacked_std
+    return 0.5 * (za * za - zc * zc) + log_std_ratio
 
 
 def lrt_scores(values: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
-    """The LRT score alone ``(B,)`` of fingerprint values ``(B, m)``: the serving path, one gather of the
-    drawn fingerprints' packed Gaussians (:attr:`kernels.bank.Bank.lrt_params`)."""
-    cm, inv_cs, am, inv_as, log_ratio = bank.lrt_params.take(ids, axis=1)  # five (B, m) arrays
-    zc = (values - cm) * inv_cs
-    za = (values - am) * inv_as
-    return (0.5 * (za * za - zc * zc) + log_ratio).mean(axis=1, dtype=np.float64)
+    """``(B,)`` the LRT score, mean of :func:`log_likelihood_ratio` over the drawn fingerprints, of
+    fingerprint values ``(B, m)``; one gather of their packed Gaussians
+    (:attr:`kernels.bank.Bank.lrt_params`)."""
+    return log_likelihood_ratio(values, *bank.lrt_params.take(ids, axis=1)).mean(axis=1, dtype=np.float64)
+
+
+def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LRT, vote and anomaly scores ``(B,)`` of fingerprint values ``(B, m)``."""
+    cm, inv_cs, am, inv_as, _ = bank.lrt_params.take(ids, axis=1)
+    zc, za = (values - cm) * inv_cs, (values - am) * inv_as
+    vote = (np.abs(zc) < np.abs(za)).mean(axis=1)
+    clean_ll = -0.5 * zc * zc + np.log(inv_cs)
+    return (lrt_scores(values, ids, bank), vote.astype(np.float64),
+            clean_ll.mean(axis=1, dtype=np.float64) - HALF_LOG_2PI)
 
 
 def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,
@@ -202,7 +215,8 @@ def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.rand
     """
     if not checked:
         check_activations(acts, bank.num_neurons)
-        labels = check_labels(labels, len(acts), bank, m if ids is None else 1)
+        labels = check_labels(labels, len(acts), bank)
+        check_covered(labels, bank, m if ids is None else 1)
     if ids is None:
         ids = draw_fingerprints(labels, bank, m, rng or secure_rng())
     else:
@@ -211,3 +225,24 @@ def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.rand
     if lrt_only:
         return Scores(ids, values, lrt_scores(values, ids, bank))
     return Scores(ids, values, *score_values(values, ids, bank))
+
+
+class NumpyScorer:
+    """The NumPy backend of :class:`kernels.detector.FingerprintDetector` (the reference);
+    :class:`kernels.gpu.GpuScorer` is the CUDA one, with the same three methods."""
+
+    def __init__(self, bank: Bank) -> None:
+        self.bank = bank
+
+    def check(self, acts: np.ndarray) -> np.ndarray:
+        return check_activations(acts, self.bank.num_neurons)
+
+    def take_rows(self, acts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return acts[rows]
+
+    def scores(self, acts: np.ndarray, ids: np.ndarray, method: str) -> np.ndarray:
+        """``(B,)`` scores by ``method`` of checked ``acts (B, D)`` for the drawn fingerprints ``ids (B, m)``."""
+        values = subset_means(acts, ids, self.bank)
+        if method == "lrt":
+            return lrt_scores(values, ids, self.bank)
+        return dict(zip(METHODS, score_values(values, ids, self.bank)))[method]

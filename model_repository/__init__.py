@@ -1,3 +1,4 @@
-"""The Triton models' code, shipped as package data: ``<model>/1/model.py`` for the classifier, the
-fingerprint detector and the fused guarded classifier. :mod:`export.repository` copies them into a
-model repository next to their configs, the ONNX model and the bank."""
+"""The serving side, torch-free: the Triton models' code (``<model>/1/model.py``, shipped as package data)
+and what serves them: :mod:`model_repository.serving` (the served detector), :mod:`model_repository.writer`
+(writes a model repository from a pipeline output folder) and :mod:`model_repository.server` (starts
+and stops a real Triton server)."""

@@ -1,7 +1,7 @@
 """Smoke test of the ``gpu`` profile: the classifier on Triton's native onnxruntime backend
 (``KIND_GPU``), the detector's CUDA kernel taking its activations through DLPack. Needs a GPU and a
 Triton install with the onnxruntime backend (NVIDIA's container): set ``NFP_TRITONSERVER`` and
-``NFP_TRITON_BACKENDS`` (see :mod:`client.server`); ``make test-gpu`` runs it there."""
+``NFP_TRITON_BACKENDS`` (see :mod:`model_repository.server`); ``make test-gpu`` runs it there."""
 import os
 
 import numpy as np
@@ -20,8 +20,8 @@ pytestmark = [
 
 def test_the_gpu_profile_serves_the_offline_verdicts(tiny_run, mnist_subset, tmp_path):
     from client.grpc_client import DetectorClient
-    from client.server import TritonServer
-    from export.repository import write_repository
+    from model_repository.server import TritonServer
+    from model_repository.writer import write_repository
     from kernels.bank import Bank
     from kernels.calibration import Calibration
     from kernels.onnx_runtime import ort_session

@@ -1,6 +1,5 @@
 """End to end: a real Triton server (from the nvidia-pytriton wheel) answering gRPC requests."""
 import json
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -8,13 +7,14 @@ import numpy as np
 import pytest
 
 from client.grpc_client import DetectorClient, RequestError
-from client.server import ServerError, TritonServer
+from client.metrics import detector_counters
 from export.datasets import load_dataset
-from export.repository import ServingConfig, write_repository
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
 from kernels.scoring import score
+from model_repository.server import ServerError, TritonServer
+from model_repository.writer import ServingConfig, write_repository
 
 GUARDED = ("guarded_classifier", "guarded_classifier_fused")  # the ensemble and its one-step equivalent
 
@@ -127,17 +127,12 @@ def test_detection_counts_are_exported_as_prometheus_metrics(served, mnist_subse
     _, server, client = served
     detector = {"guarded_classifier": "fingerprint_detector"}.get(client.model, client.model)
 
-    def metric(name):
-        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith(f'{name}{{model="{detector}"'))
-
-    inputs, flagged, kernel_us = (metric(n) for n in ("nfp_inputs_total", "nfp_flagged_total",
-                                                      "nfp_kernel_microseconds_total"))
+    before = detector_counters(server.metrics_url, detector)
     result = client.detect(mnist_subset[0][:3])
-    assert metric("nfp_inputs_total") == inputs + 3
-    assert metric("nfp_flagged_total") == flagged + result.is_attacked.sum()
-    assert metric("nfp_kernel_microseconds_total") > kernel_us
+    after = detector_counters(server.metrics_url, detector)
+    assert after["nfp_inputs_total"] == before["nfp_inputs_total"] + 3
+    assert after["nfp_flagged_total"] == before["nfp_flagged_total"] + result.is_attacked.sum()
+    assert after["nfp_kernel_microseconds_total"] > before["nfp_kernel_microseconds_total"]
 
 
 def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
@@ -251,7 +246,7 @@ def test_a_server_does_not_outlive_the_process_that_started_it(tiny_run, tmp_pat
     import time
 
     repo = write_repository(tiny_run[0], tmp_path / "repo", "cpu")
-    script = ("import sys, time; from client.server import TritonServer; "
+    script = ("import sys, time; from model_repository.server import TritonServer; "
               f"s = TritonServer({str(repo)!r}).start(); print(s.process.pid, flush=True); time.sleep(120)")
     parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import export, kernels
 from client.grpc_client import DetectorClient
-from client.server import TritonServer
-from export.repository import write_repository
+from model_repository.server import TritonServer
+from model_repository.writer import write_repository
 
 out, target = Path(sys.argv[1]), Path(sys.argv[2])
 repo = write_repository(out, target, "cpu")

@@ -80,7 +80,7 @@ def test_predict_against_a_dead_server_says_so_in_one_line_without_loading_torch
     import subprocess
     import sys
 
-    from client.server import free_port
+    from model_repository.server import free_port
 
     image = tmp_path / "x.npz"
     np.savez(image, x=np.zeros((1, 28, 28), np.uint8))

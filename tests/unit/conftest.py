@@ -29,7 +29,7 @@ def make_rows():
 @pytest.fixture(scope="session")
 def bank():
     """A bank searched on the planted signal: two classes, fingerprints of 1 and 2 neurons."""
-    from export.fingerprint_search import SearchConfig, search_fingerprints
+    from kernels.fingerprint_search import SearchConfig, search_fingerprints
 
     clean, cy = planted_rows(400, 0, False)
     attacked, ay = planted_rows(400, 1, True)

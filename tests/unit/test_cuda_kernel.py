@@ -132,14 +132,14 @@ def test_the_gpu_detector_takes_dlpack_tensors_and_fails_only_the_bad_request(ca
 
     from kernels.bank import Bank
     from kernels.calibration import calibrate_threshold
-    from kernels.detector import Detector
+    from model_repository.serving import ServedDetector
 
     b = mixed_size_bank()
     cal = calibrate_threshold(np.random.default_rng(1).normal(size=400), np.arange(400) % 3, 3, "lrt", 16)
     Bank(b.indices, b.lengths, b.clean_mean, b.clean_std, b.attacked_mean, b.attacked_std, b.cohen_d,
          np.array([0, 50, 150, 150]), {"num_neurons": 300}).with_meta(
         model_sha256="ab" * 32, draws_per_input=16, calibration={"lrt": cal.to_json()}).save(tmp_path / "bank")
-    det = Detector(tmp_path / "bank", "ab" * 32, 0.01, gpu=True, device_id=0)
+    det = ServedDetector(tmp_path / "bank", "ab" * 32, 0.01, gpu=True, device_id=0)
 
     class TritonLike:  # what pb_utils.Tensor offers: to_dlpack() only
         def __init__(self, t):
@@ -157,9 +157,10 @@ def test_the_gpu_detector_takes_dlpack_tensors_and_fails_only_the_bad_request(ca
     logits = np.eye(3, dtype=np.float32)[[0, 1, 2, 1, 0]] * 5
     labels, acts = zip(*[det.check(logits[s], wrap(torch.tensor(host[s], device="cuda")))
                          for s in (slice(0, 3), slice(3, 5))])
-    d = det.detect(logits, np.concatenate(labels), list(acts))
+    labels = np.concatenate(labels)
+    d, _ = det.detect(labels, list(acts))
     assert d.checked.tolist() == [True, True, False, True, True]
     rows = [0, 1, 3, 4]
-    offline = score(host[rows], d.labels[rows], det.bank, 16, ids=d.fingerprint_ids[rows])
-    np.testing.assert_allclose(d.score[rows], det.calibration.standardize(offline.lrt, d.labels[rows]),
+    offline = score(host[rows], labels[rows], det.bank, 16, ids=d.draws[rows])
+    np.testing.assert_allclose(d.score[rows], det.detector.calibration.standardize(offline.lrt, labels[rows]),
                                rtol=1e-5, atol=1e-5)

@@ -4,9 +4,9 @@ import pytest
 
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
-from kernels.detector import Detector
 from kernels.errors import FingerprintError, ModelMismatchError
 from kernels.scoring import score
+from model_repository.serving import ServedDetector, response_tensors
 
 SHA = "cd" * 32
 M = 16
@@ -32,7 +32,7 @@ def logits_for(labels, classes=3):
 
 def test_a_bank_bound_to_another_model_is_refused(bank_dir):
     with pytest.raises(ModelMismatchError, match="built for model sha256 cdcd"):
-        Detector(bank_dir, "ef" * 32)
+        ServedDetector(bank_dir, "ef" * 32)
 
 
 @pytest.mark.parametrize("logits, acts, message", [
@@ -45,30 +45,32 @@ def test_a_bank_bound_to_another_model_is_refused(bank_dir):
 ])
 def test_each_problem_of_a_request_is_named(bank_dir, logits, acts, message):
     with pytest.raises(FingerprintError, match=message):
-        Detector(bank_dir, SHA).check(logits, acts)
+        ServedDetector(bank_dir, SHA).check(logits, acts)
 
 
 def test_a_good_request_gets_its_predicted_labels(bank_dir):
     acts = np.random.default_rng(0).random((2, 300), dtype=np.float32)
-    labels, checked_acts = Detector(bank_dir, SHA).check(logits_for([1, 0]), acts)
+    labels, checked_acts = ServedDetector(bank_dir, SHA).check(logits_for([1, 0]), acts)
     np.testing.assert_array_equal(labels, [1, 0])
     assert checked_acts is acts
 
 
 def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
-    det = Detector(bank_dir, SHA, false_positive_rate=0.05)
+    det = ServedDetector(bank_dir, SHA, false_positive_rate=0.05)
     rng = np.random.default_rng(2)
     parts = [rng.random((3, 300), dtype=np.float32), rng.random((2, 300), dtype=np.float32)]
     logits = logits_for([0, 1, 1, 0, 1])
-    d = det.detect(logits, logits.argmax(1), parts)
-    offline = score(np.concatenate(parts), d.labels, det.bank, M, ids=d.fingerprint_ids)
-    z = det.calibration.standardize(offline.lrt, d.labels)
-    # float32 served score vs float64 offline: an absolute floor, since a random draw can land near z = 0
+    labels = logits.argmax(1)
+    d, kernel_s = det.detect(labels, parts)
+    offline = score(np.concatenate(parts), labels, det.bank, M, ids=d.draws)
+    cal = det.detector.calibration
+    z = cal.standardize(offline.lrt, labels)
+    # float32 packed Gaussians vs the float64 reference: an absolute floor, since a draw can land near z = 0
     np.testing.assert_allclose(d.score, z, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(d.is_attacked, z < det.calibration.threshold(0.05, d.labels))
-    assert d.fingerprint_ids.shape == (5, M) and d.kernel_s > 0 and d.checked.all()
-    first, out = d.per_request([3, 2])
-    np.testing.assert_array_equal(first["fingerprint_ids"], d.fingerprint_ids[:3])
+    np.testing.assert_array_equal(d.is_attacked, z < cal.threshold(0.05, labels))
+    assert d.draws.shape == (5, M) and kernel_s > 0 and d.checked.all()
+    first, out = response_tensors(logits, labels, d, [3, 2])
+    np.testing.assert_array_equal(first["fingerprint_ids"], d.draws[:3])
     assert {k: v.shape for k, v in out.items()} == {"label": (2, 1), "probabilities": (2, 3), "score": (2, 1),
                                                      "is_attacked": (2, 1), "checked": (2, 1),
                                                      "fingerprint_ids": (2, M)}
@@ -78,16 +80,16 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
 def test_an_image_of_a_class_without_fingerprints_is_answered_unchecked_beside_the_others(bank_dir):
     """A partial bank: one image predicted as class 2 (no fingerprints) must not cost the request's
     other images their verdicts."""
-    det = Detector(bank_dir, SHA, false_positive_rate=0.05)
+    det = ServedDetector(bank_dir, SHA, false_positive_rate=0.05)
     acts = np.random.default_rng(4).random((3, 300), dtype=np.float32)
     logits = logits_for([0, 2, 1])
     labels, acts = det.check(logits, acts)
-    d = det.detect(logits, labels, [acts])
-    assert d.checked.tolist() == [True, False, True] and d.labels.tolist() == [0, 2, 1]
-    assert np.isnan(d.score[1]) and not d.is_attacked[1] and (d.fingerprint_ids[1] == -1).all()
+    d, _ = det.detect(labels, [acts])
+    assert d.checked.tolist() == [True, False, True] and labels.tolist() == [0, 2, 1]
+    assert np.isnan(d.score[1]) and not d.is_attacked[1] and (d.draws[1] == -1).all()
     rows = [0, 2]
-    offline = score(acts[rows], d.labels[rows], det.bank, M, ids=d.fingerprint_ids[rows])
-    np.testing.assert_allclose(d.score[rows], det.calibration.standardize(offline.lrt, d.labels[rows]),
+    offline = score(acts[rows], labels[rows], det.bank, M, ids=d.draws[rows])
+    np.testing.assert_allclose(d.score[rows], det.detector.calibration.standardize(offline.lrt, labels[rows]),
                                rtol=1e-5, atol=1e-6)
 
 
@@ -97,7 +99,7 @@ def test_a_detector_seeds_its_draws_from_the_os_csprng(bank_dir, monkeypatch):
     import kernels.scoring
 
     acts, logits = [np.random.default_rng(3).random((1, 300), dtype=np.float32)], logits_for([1])
-    first = lambda: Detector(bank_dir, SHA).detect(logits, np.array([1]), acts).fingerprint_ids  # noqa: E731
+    first = lambda: ServedDetector(bank_dir, SHA).detect(np.array([1]), acts)[0].draws  # noqa: E731
     monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: 99)
     np.testing.assert_array_equal(first(), first())
     monkeypatch.undo()

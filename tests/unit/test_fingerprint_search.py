@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from export.fingerprint_search import (
+from kernels.fingerprint_search import (
     SearchConfig,
     SubsetStatistics,
     sample_subsets,

@@ -3,7 +3,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from export.repository import PROFILES, ServingConfig, model_configs
+from model_repository.writer import PROFILES, ServingConfig, model_configs
 from kernels.bank import Bank
 from kernels.errors import InvalidInputError
 

@@ -2,7 +2,7 @@
 the second step of the ``guarded_classifier`` ensemble.
 
 Inputs ``logits (num_classes,)`` and ``activations (D,)`` from the classifier step. For every input it
-draws its own ``m`` fingerprints from the bank of the predicted class (``kernels.detector.Detector``:
+draws its own ``m`` fingerprints from the bank of the predicted class (``model_repository.serving.ServedDetector``:
 CSPRNG-seeded draws, one gather-reduce; the CUDA kernel on ``KIND_GPU``, taking the activations through
 DLPack), and returns:
 
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kernels.detector import Detector, DetectorMetrics
 from kernels.errors import FingerprintError
+from model_repository.serving import DetectorMetrics, ServedDetector, response_tensors
 
 
 def host_array(tensor) -> np.ndarray:
@@ -41,7 +41,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.detector = Detector(Path(args["model_repository"]) / args["model_version"] / "bank",
+        self.detector = ServedDetector(Path(args["model_repository"]) / args["model_version"] / "bank",
                                  params["model_sha256"], float(params.get("false_positive_rate", "0.01")),
                                  gpu=args.get("model_instance_kind") == "GPU",
                                  device_id=int(args.get("model_instance_device_id", "0")))
@@ -65,8 +65,10 @@ class TritonPythonModel:
             owners.append((i, len(z)))
         if not owners:
             return responses
-        detection = self.detector.detect(np.concatenate(logits), np.concatenate(labels), acts)
-        self.metrics.record(detection)
-        for (i, _), out in zip(owners, detection.per_request([n for _, n in owners])):
+        labels = np.concatenate(labels)
+        verdicts, kernel_s = self.detector.detect(labels, acts)
+        self.metrics.record(verdicts, kernel_s)
+        for (i, _), out in zip(owners, response_tensors(np.concatenate(logits), labels, verdicts,
+                                                        [n for _, n in owners])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

@@ -2,11 +2,11 @@
 
 Same inputs and outputs as the ``guarded_classifier`` ensemble (``images`` -> ``label``,
 ``probabilities``, ``score``, ``is_attacked``, ``checked``, ``fingerprint_ids``) and the same detection
-(``kernels.detector.Detector``), but the ONNX classifier and the detector run in one ``execute`` of
+(``model_repository.serving.ServedDetector``), but the ONNX classifier and the detector run in one ``execute`` of
 one Python stub, so the activations never leave the process and no second ensemble step is
 scheduled. On the pip-installed server, where the classifier is itself a Python-backend model, this
 removes the hand-off between steps that dominates the ensemble's batch-1 overhead
-(``python -m client.benchmark``). Written by ``export.repository`` when ``ServingConfig.fused`` is set.
+(``python -m client.benchmark``). Written by ``model_repository.writer`` when ``ServingConfig.fused`` is set.
 """
 import json
 from pathlib import Path
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kernels.detector import Detector, DetectorMetrics
 from kernels.errors import FingerprintError
 from kernels.onnx_runtime import image_problem, ort_session
+from model_repository.serving import DetectorMetrics, ServedDetector, response_tensors
 
 
 def error(message: str):
@@ -30,7 +30,7 @@ class TritonPythonModel:
         version = Path(args["model_repository"]) / args["model_version"]
         self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
                                    providers=["CPUExecutionProvider"])
-        self.detector = Detector(version / "bank", params["model_sha256"],
+        self.detector = ServedDetector(version / "bank", params["model_sha256"],
                                  float(params.get("false_positive_rate", "0.01")))
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
 
@@ -63,11 +63,10 @@ class TritonPythonModel:
         if not answered:
             return responses
         labels = np.concatenate(labels)
-        if len(answered) == len(owners):
-            detection = self.detector.detect(logits, labels, [acts])
-        else:
-            detection = self.detector.detect(np.concatenate([logits[s] for s in rows]), labels, [acts[s] for s in rows])
-        self.metrics.record(detection)
-        for (i, _), out in zip(answered, detection.per_request([n for _, n in answered])):
+        if len(answered) < len(owners):
+            logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
+        verdicts, kernel_s = self.detector.detect(labels, [acts])
+        self.metrics.record(verdicts, kernel_s)
+        for (i, _), out in zip(answered, response_tensors(logits, labels, verdicts, [n for _, n in answered])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

@@ -66,7 +66,7 @@ class TritonServer:
     """A ``tritonserver`` process serving ``repository`` on 127.0.0.1.
 
     Args:
-        repository: a model repository (see :mod:`export.repository`).
+        repository: a model repository (see :mod:`model_repository.writer`).
         grpc_port, http_port, metrics_port: 0 picks a free port.
         log: where the server's log goes (a file object); default: kept in memory, tail shown on errors.
         verbose: forward the server's log lines to stderr as they come.

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
-from importlib import import_module
 from pathlib import Path
 
 from kernels.bank import Bank
 from kernels.errors import InvalidInputError
 
-SOURCES = Path(import_module("model_repository").__file__).resolve().parent  # package data (see pyproject)
+SOURCES = Path(__file__).resolve().parent  # the models' code, package data (see pyproject)
 ENSEMBLE, CLASSIFIER, DETECTOR, FUSED = "guarded_classifier", "classifier", "fingerprint_detector", "guarded_classifier_fused"
 PROFILES = ("cpu", "gpu")
 

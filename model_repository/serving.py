@@ -1,0 +1,121 @@
+"""The served detector: randomized neural-fingerprint detection of a classifier's outputs.
+
+Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: load the bank once (refusing a bank
+built for another model), check each request on its own, and answer a batch of requests through the
+detector contract (:class:`kernels.detector.FingerprintDetector` with :class:`~kernels.detector.RandomDraws`:
+every input draws its own ``m`` fingerprints from the bank of its predicted class, a generator seeded
+from the operating system's CSPRNG, one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`).
+
+Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
+``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
+tested directly.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kernels.bank import Bank
+from kernels.detector import FingerprintDetector, Observations, Verdicts
+from kernels.errors import FingerprintError
+from kernels.scoring import check_activations, secure_rng
+
+METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
+           ("nfp_flagged_total", "Inputs flagged as attacked"),
+           ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"),
+           ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints"))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
+                     sizes: list[int]) -> list[dict[str, np.ndarray]]:
+    """The served output tensors of consecutive requests of ``sizes`` inputs each, named as in the model
+    configs. Every image is answered; an unchecked one has NaN ``score``, ``is_attacked`` False and
+    ``fingerprint_ids`` -1."""
+    probabilities, score = softmax(logits), verdicts.score.astype(np.float32)
+    bounds = np.cumsum([0, *sizes])
+    return [{"label": labels[a:b, None].astype(np.int64), "probabilities": probabilities[a:b],
+             "score": score[a:b, None], "is_attacked": verdicts.is_attacked[a:b, None],
+             "checked": verdicts.checked[a:b, None], "fingerprint_ids": verdicts.draws[a:b]}
+            for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class DetectorMetrics:
+    """Prometheus counters of a detecting model (``pb_utils`` is Triton's module, passed in so this
+    file imports without Triton): inputs answered, inputs flagged, inputs left unchecked, kernel microseconds."""
+
+    def __init__(self, pb_utils, model: str) -> None:
+        # keep the families alive: a Metric fails once its MetricFamily is garbage-collected
+        self.families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
+                         for name, text in METRICS]
+        self.inputs, self.flagged, self.unchecked, self.kernel_us = (f.Metric(labels={"model": model})
+                                                                     for f in self.families)
+
+    def record(self, verdicts: Verdicts, kernel_s: float) -> None:
+        self.inputs.increment(len(verdicts.checked))
+        self.flagged.increment(int(verdicts.is_attacked.sum()))
+        self.unchecked.increment(int((~verdicts.checked).sum()))
+        self.kernel_us.increment(int(kernel_s * 1e6))
+
+
+class ServedDetector:
+    """Bank, calibration and CSPRNG-seeded draws of one served model.
+
+    Args:
+        bank_dir: the calibrated bank exported with the model.
+        model_sha256: the served ONNX file's SHA-256; a bank bound to another model is refused.
+        false_positive_rate: which calibrated threshold decides ``is_attacked``.
+        gpu: score with the CUDA kernel (activations may then be GPU tensors).
+        device_id: the CUDA device of this model instance (Triton's ``model_instance_device_id``).
+    """
+
+    def __init__(self, bank_dir: Path, model_sha256: str, false_positive_rate: float = 0.01, gpu: bool = False,
+                 device_id: int = 0):
+        bank = Bank.load(Path(bank_dir), model_sha256=model_sha256)
+        backend = None
+        if gpu:
+            from kernels.gpu import GpuScorer
+
+            backend = GpuScorer(bank, device_id)
+        self.detector = FingerprintDetector.from_bank(bank, "lrt", float(false_positive_rate), backend)
+        self.bank, self.gpu = bank, backend
+        self.m = self.detector.draws.m
+        bank.lrt_params  # build the scoring table now, not on the first request
+        self.rng = secure_rng()
+
+    def check(self, logits: np.ndarray, acts):
+        """Predicted labels ``(B,)`` of one request's ``logits (B, C)`` and ``acts (B, D)``, and the
+        activations to score (on the GPU path a checked CuPy view of a GPU tensor); raises
+        :class:`FingerprintError` naming the problem if the request is malformed. Activations are
+        validated per request on both paths, so one bad request fails alone. An image predicted as a
+        class the bank cannot check is no error: it is answered unchecked."""
+        if isinstance(acts, np.ndarray) or self.gpu is None:
+            check_activations(acts, self.bank.num_neurons)
+        else:
+            acts = self.gpu.as_device_array(acts)
+        if logits.ndim != 2 or logits.shape[1] != self.bank.num_classes or len(logits) != len(acts):
+            raise FingerprintError(f"logits must have shape ({len(acts)}, {self.bank.num_classes}), got {logits.shape}")
+        if not np.isfinite(logits).all():
+            raise FingerprintError("logits hold NaN or infinite values")
+        return logits.argmax(axis=1), acts
+
+    def detect(self, labels: np.ndarray, acts: list) -> tuple[Verdicts, float]:
+        """Verdicts for a batch of requests that passed :meth:`check`, and the seconds spent drawing
+        and scoring. ``labels (B,)`` of all requests; ``acts`` their activations as :meth:`check`
+        returned them, one array per request."""
+        start = time.perf_counter()
+        if len(acts) == 1:
+            batch = acts[0]
+        elif self.gpu is None:
+            batch = np.concatenate(acts)
+        else:
+            with self.gpu.device:
+                batch = self.gpu.cp.concatenate([self.gpu.cp.asarray(a) for a in acts])
+        verdicts = self.detector.detect(Observations(labels, acts=batch, validated=True), rng=self.rng)
+        return verdicts, time.perf_counter() - start
