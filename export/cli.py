@@ -262,7 +262,7 @@ def _demo(args, ws, progress):
     x, y, attacked = demo_images(ws)
     with TritonServer(repo, verbose=False) as server:
         served = run_demo(server.grpc_url, x, y, attacked, progress=progress)
-    return {"served": served, "table": format_report(served, fpr)}
+    return {**served, "table": format_report(served, fpr)}
 
 
 def _synthetic_bank(args, ws, progress):
@@ -314,7 +314,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if a in STAGES), None) if argv is not None else None
-    for name, (help_text, adders) in STAGES.items():
+    for name, (help_text, adders, _) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if argv is None or name == chosen:
             for add in adders:

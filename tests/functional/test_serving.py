@@ -189,7 +189,7 @@ def test_whitebox_command_sends_what_passed_locally_to_the_running_server(tiny_r
 def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, tmp_path):
     import shutil
 
-    from export import pipeline
+    from export.whitebox import WhiteboxConfig, whitebox
     from export.workspace import Workspace
     from kernels.errors import ModelMismatchError
 
@@ -197,7 +197,7 @@ def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, t
     shutil.copytree(tiny_run[0], out)
     Bank.load(out / "bank").with_meta(model_sha256="0" * 64).save(out / "bank")
     with pytest.raises(ModelMismatchError, match="attack the served model"):
-        pipeline.whitebox(Workspace(out), url=server.grpc_url)
+        whitebox(Workspace(out), WhiteboxConfig(url=server.grpc_url))
 
 
 def test_the_classifier_returns_only_the_outputs_asked_for(server, mnist_subset):
@@ -215,12 +215,9 @@ def test_the_classifier_returns_only_the_outputs_asked_for(server, mnist_subset)
 
 
 def test_benchmark_measures_every_model_side_by_side(tiny_run, tmp_path):
-    import shutil
-
     from client import benchmark
 
-    out = tmp_path / "run"
-    shutil.copytree(tiny_run[0], out)
+    out = write_repository(tiny_run[0], tmp_path / "repo", "cpu", ServingConfig(fused=True))
     report = benchmark.run(out, [1, 4], [1, 2], window_s=0.4, warmup_s=0.1, rounds=2)
     models = ("classifier", "guarded_classifier", "guarded_classifier_fused")
     assert [(p["model"], p["batch"], p["concurrency"]) for p in report["points"]] == [
