@@ -3,8 +3,8 @@
 Data, classifier, attacks and activation capture; the stages write one output folder
 (see :mod:`export.workspace`). The short way in for your own model::
 
-    from export import capture_activations
-    acts, layout = capture_activations(model, images, ["fc1", "fc2:input"])
+    from export import fit_detector
+    detector, layout = fit_detector(model, images, labels, calibration_images)
 """
 from importlib import import_module
 
@@ -13,11 +13,12 @@ from importlib import import_module
 _EXPORTS = {
     "ActivationLayout": "export.activations", "LayerSlice": "export.activations",
     "capture_activations": "export.activations", "default_layers": "export.activations",
-    "AttackSpec": "export.attacks", "attack_defaults": "export.attacks", "attack_into_classes": "export.attacks",
+    "fit_detector": "export.fit",
+    "AttackSpec": "export.attacks", "parse_attack": "export.attacks", "attack_defaults": "export.attacks", "attack_into_classes": "export.attacks",
     "run_attack": "export.attacks",
     "Dataset": "export.datasets", "Splits": "export.datasets", "load_dataset": "export.datasets",
     "split_dataset": "export.datasets",
-    "ClassifierSpec": "export.models", "load_checkpoint": "export.models", "load_weights": "export.models",
+    "ClassifierSpec": "export.models", "default_spec": "export.models", "load_checkpoint": "export.models", "load_weights": "export.models",
     "TrainingConfig": "export.training", "train_classifier": "export.training",
 }
 __all__ = sorted(_EXPORTS)

@@ -85,7 +85,7 @@ class AttackSpec:
 
     def __post_init__(self) -> None:
         if self.name not in ATTACK_NAMES:
-            raise InvalidInputError(f"unknown attack {self.name!r}; available: {', '.join(ATTACK_NAMES)}")
+            art_attack_class(self.name)  # any ART evasion attack by its class name
 
     @property
     def targeted(self) -> bool:
@@ -98,8 +98,9 @@ class AttackSpec:
 
     @classmethod
     def from_defaults(cls, name: str, defaults: AttackDefaults, **overrides: Any) -> "AttackSpec":
-        if name not in ATTACK_NAMES:
-            raise InvalidInputError(f"unknown attack {name!r}; available: {', '.join(ATTACK_NAMES)}")
+        if name not in ATTACK_NAMES:  # an ART class: its own defaults, the parameters given
+            art_attack_class(name)
+            return cls(name, dict(overrides))
         if name in LINF_ATTACKS:
             eps = float(overrides.pop("eps", defaults.eps))
             params: dict[str, Any] = {"eps": eps}
@@ -121,8 +122,33 @@ class AttackSpec:
         return asdict(self)
 
 
+def art_attack_class(name: str):
+    """The ART evasion attack class called ``name`` (e.g. ``SquareAttack``, ``HopSkipJump``,
+    ``ElasticNet``); the error lists the project's short names and says where ART's are."""
+    import art.attacks.evasion as evasion
+    from art.attacks.attack import EvasionAttack
+
+    cls = getattr(evasion, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, EvasionAttack)):
+        raise InvalidInputError(f"unknown attack {name!r}: give one of {', '.join(ATTACK_NAMES)} or the class name "
+                                f"of an ART evasion attack (art.attacks.evasion), e.g. SquareAttack")
+    return cls
+
+
+def _literal(value: str):
+    """A command-line parameter value: a number, True/False/None, a tuple, or else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
 def parse_attack(text: str, defaults: AttackDefaults) -> AttackSpec:
-    """Parse a command-line attack, ``name`` or ``name:key=value,key=value`` (e.g. ``pgd:eps=0.1``)."""
+    """Parse a command-line attack, ``name`` or ``name:key=value,key=value`` (e.g. ``pgd:eps=0.1``);
+    ``name`` is a short name of :data:`ATTACK_NAMES` or the class name of any ART evasion attack
+    (``SquareAttack:eps=0.3,max_iter=200``), whose parameters go to its constructor as given."""
     name, _, rest = text.partition(":")
     known = AttackSpec.from_defaults(name.strip(), defaults).params
     overrides: dict[str, Any] = {}
@@ -130,7 +156,10 @@ def parse_attack(text: str, defaults: AttackDefaults) -> AttackSpec:
         key, eq, value = (part.strip() for part in item.partition("="))
         if not eq:
             raise InvalidInputError(f"attack option {item!r} in {text!r} is not key=value")
-        kind = type(known.get(key, 0.0))
+        if key not in known:
+            overrides[key] = _literal(value)
+            continue
+        kind = type(known[key])
         try:
             overrides[key] = kind(value)
         except ValueError:
@@ -165,6 +194,16 @@ def _make_art_attack(spec: AttackSpec, classifier, batch_size: int, progress: bo
     )
 
     p = dict(spec.params)
+    if spec.name not in ATTACK_NAMES:
+        import inspect
+
+        cls = art_attack_class(spec.name)
+        accepted = inspect.signature(cls.__init__).parameters
+        extra = {k: v for k, v in (("batch_size", batch_size), ("verbose", progress)) if k in accepted and k not in p}
+        try:
+            return cls(classifier, **p, **extra)
+        except TypeError as e:  # a parameter the class does not take
+            raise InvalidInputError(f"attack {spec.name}: {e}") from None
     if spec.name == "fgsm":
         return FastGradientMethod(classifier, norm=np.inf, eps=p["eps"], targeted=spec.targeted, batch_size=batch_size)
     if spec.name == "bim":

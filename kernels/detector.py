@@ -256,19 +256,20 @@ class FingerprintDetector(Detector):
         cal = Calibration.from_json(bank.meta["calibration"][method])
         return cls(bank, RandomDraws(cal.m), method, backend, cal, fpr)
 
-    def fit(self, clean: Observations, attacked: Observations, config=None, progress: bool = False
-            ) -> "FingerprintDetector":
+    def fit(self, clean: Observations, attacked: Observations, config=None, num_classes: int | None = None,
+            meta: dict | None = None, progress: bool = False) -> "FingerprintDetector":
         """Search the bank (Sec. 3.1-3.2): ``clean`` holds correctly classified clean inputs labelled with
         their class, ``attacked`` inputs attacked into a class labelled with that class; ``config`` a
-        :class:`kernels.fingerprint_search.SearchConfig`. Any calibration is dropped."""
+        :class:`kernels.fingerprint_search.SearchConfig`; ``num_classes`` the model's (default: the
+        largest label + 1); ``meta`` recorded in the bank. Any calibration is dropped."""
         from kernels.fingerprint_search import SearchConfig, search_fingerprints
 
         c, a = clean.need("acts", self.name), attacked.need("acts", self.name)
-        num_classes = int(max(clean.labels.max(), attacked.labels.max())) + 1
+        num_classes = num_classes or int(max(clean.labels.max(), attacked.labels.max())) + 1
         per_class = search_fingerprints(np.asarray(c), clean.labels, np.asarray(a), attacked.labels, num_classes,
                                         config or SearchConfig(), progress)
         self.backend = None if isinstance(self.backend, NumpyScorer) else self.backend
-        self._set_bank(Bank.from_fingerprints(per_class, c.shape[1]))
+        self._set_bank(Bank.from_fingerprints(per_class, c.shape[1], meta))
         self.calibration = None
         return self
 

@@ -20,6 +20,20 @@ def test_unknown_attacks_and_parameters_are_refused():
         parse_attack("jsma", MNIST)
     with pytest.raises(InvalidInputError, match="no parameter"):
         parse_attack("deepfool:eps=0.1", MNIST)
+    with pytest.raises(InvalidInputError, match="class name of an ART evasion attack"):
+        parse_attack("Classifier:eps=0.1", MNIST)  # not an evasion attack
+
+
+def test_any_art_evasion_attack_is_taken_by_class_name_with_its_parameters(small_model, mnist_subset):
+    """A black-box attack the project has no short name for: ART's SquareAttack, parameters passed on."""
+    spec = parse_attack("SquareAttack:eps=0.3,max_iter=30,nb_restarts=1", MNIST)
+    assert spec.params == {"eps": 0.3, "max_iter": 30, "nb_restarts": 1} and spec.label == "SquareAttack_eps0.3"
+    x, y = mnist_subset[0][:12], mnist_subset[1][:12]
+    r = run_attack(spec, small_model, x, y, np.arange(12), 10, progress=False)
+    np.testing.assert_array_equal(r.success, predict(small_model, r.x_adv).argmax(1) != y)
+    assert r.success.any() and r.linf.max() <= 0.3 + 1e-5
+    with pytest.raises(InvalidInputError, match="SquareAttack.*unexpected keyword argument 'no_such'"):
+        run_attack(parse_attack("SquareAttack:no_such=1", MNIST), small_model, x, y, np.arange(12), 10, progress=False)
 
 
 def test_untargeted_pgd_success_is_counted_from_the_models_own_predictions(small_model, mnist_subset):

@@ -1,0 +1,69 @@
+"""The detector from a model, images and labels: the offline pipeline in one call.
+
+Fisher, Shahar & Resheff (2024), Sec. 3: the clean set of a class is its images the model classifies
+correctly; the attacked set, images of other classes attacked (targeted) into it; the bank is searched
+on their activations and calibrated on held-out clean images. ``nfp pipeline`` runs the same stages
+with files in between; this is the short way for your own model::
+
+    detector, layout = fit_detector(model, images, labels, calibration_images)
+    acts, _, logits = capture_activations(model, new_images, layout.layers, return_logits=True)
+    verdicts = detector.detect(Observations(logits.argmax(1), acts=acts))
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from torch import nn
+
+from export.activations import ActivationLayout, capture_activations
+from export.attacks import AttackDefaults, attack_defaults, attack_into_classes, merge_results
+from export.models import predict
+from kernels.calibration import DEFAULT_FPRS
+from kernels.detector import FingerprintDetector, Observations, RandomDraws
+from kernels.errors import InvalidInputError
+from kernels.fingerprint_search import SearchConfig
+
+DEFAULT_M = 128  # fingerprints drawn per input (see the README's measurements)
+
+
+def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calibration_images: np.ndarray,
+                 layers: Sequence[str] | None = None, attacks: AttackDefaults | None = None, per_class: int = 300,
+                 search: SearchConfig = SearchConfig(), m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS,
+                 repeats: int = 10, seed: int = 0, progress: bool = False
+                 ) -> tuple[FingerprintDetector, ActivationLayout]:
+    """Attack, capture, search and calibrate: a calibrated randomized fingerprint detector for ``model``.
+
+    Args:
+        model: an ``nn.Module`` mapping ``(B, C, H, W)`` images in [0, 1] to logits.
+        images, labels: the fit images and their true classes (only correctly classified ones are used).
+        calibration_images: held-out clean images for the thresholds (their predicted labels are used).
+        layers: modules whose activations the fingerprints read (default: the last four weighted layers).
+        attacks: the targeted training attacks' budgets (default: MNIST's, eps 0.2 then 0.3).
+        per_class: images attacked into each class.
+        search: the fingerprint search (:class:`kernels.fingerprint_search.SearchConfig`).
+        m: fingerprints drawn per input; fprs: false-positive rates calibrated; repeats: independent
+            draws per calibration image.
+
+    Returns the detector and the activation layout to capture new inputs with.
+    """
+    images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int64)
+    num_classes = int(predict(model, images[:1]).shape[1])
+    right = np.flatnonzero(predict(model, images).argmax(1) == labels)
+    if len(right) == 0:
+        raise InvalidInputError("the model classifies none of the fit images correctly")
+    results = attack_into_classes(model, images[right], labels[right], right, num_classes,
+                                  attacks or attack_defaults("mnist"), per_class, seed, progress)
+    adv = merge_results(results)
+    ok = adv["success"]
+    if not ok.any():
+        raise InvalidInputError("no targeted attack succeeded: raise the budgets (attacks.train_eps)")
+    clean_acts, layout = capture_activations(model, images[right], layers, progress=progress)
+    attacked_acts, _ = capture_activations(model, adv["x_adv"][ok], layout.layers, progress=progress)
+    detector = FingerprintDetector(draws=RandomDraws(m)).fit(
+        Observations(labels[right], acts=clean_acts), Observations(adv["target"][ok], acts=attacked_acts), search,
+        num_classes, {"layout": layout.to_json(), "search": search.to_json()}, progress)
+    cal_acts, _, cal_logits = capture_activations(model, calibration_images, layout.layers, progress=progress,
+                                                  return_logits=True)
+    detector.calibrate(Observations(cal_logits.argmax(1), acts=cal_acts), fprs, repeats, seed)
+    return detector, layout
