@@ -164,3 +164,28 @@ def test_the_gpu_detector_takes_dlpack_tensors_and_fails_only_the_bad_request(ca
     offline = score(host[rows], labels[rows], det.bank, 16, ids=d.draws[rows])
     np.testing.assert_allclose(d.score[rows], det.detector.calibration.standardize(offline.lrt, labels[rows]),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA device visible to CuPy")
+@pytest.mark.parametrize("method", ["lrt", "vote", "anomaly"])
+def test_the_cupy_backend_gives_the_detector_the_numpy_backends_verdicts(method, mixed_size_bank):
+    """The contract with the backend swapped: same draws (same seed), same scores, same unchecked rows."""
+    from kernels.bank import Bank
+    from kernels.detector import FingerprintDetector, Observations, RandomDraws
+    from kernels.gpu import GpuScorer
+
+    b = mixed_size_bank()
+    bank = Bank(b.indices, b.lengths, b.clean_mean, b.clean_std, b.attacked_mean, b.attacked_std, b.cohen_d,
+                np.array([0, 50, 150, 150]), {"num_neurons": 300})  # class 2 has no fingerprints
+    rng = np.random.default_rng(9)
+    cal = Observations(rng.integers(0, 2, 300), acts=rng.normal(size=(300, 300)).astype(np.float32))
+    obs = Observations(np.array([0, 2, 1, 1, 0]), acts=rng.normal(size=(5, 300)).astype(np.float32))
+    cpu = FingerprintDetector(bank, RandomDraws(16), method)
+    gpu = FingerprintDetector(bank, RandomDraws(16), method, backend=GpuScorer(bank))
+    cpu.calibrate(cal, (0.05,), repeats=2, seed=1)
+    gpu.calibrate(cal, (0.05,), repeats=2, seed=1)
+    want, got = cpu.detect(obs, rng=np.random.default_rng(3)), gpu.detect(obs, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(got.checked, [True, False, True, True, True])
+    np.testing.assert_array_equal(got.draws, want.draws)
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-4, atol=1e-4)
