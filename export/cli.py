@@ -104,7 +104,7 @@ def _add_search(p: argparse.ArgumentParser) -> None:
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
-    from export.pipeline import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M
+    from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M
     from kernels.calibration import DEFAULT_FPRS
 
     p.add_argument("--m", type=int, default=DEFAULT_M, help="fingerprints drawn per input (default: %(default)s)")

@@ -20,17 +20,15 @@ from export.activations import ActivationLayout, capture_activations
 from export.attacks import AttackDefaults, attack_defaults, attack_into_classes, merge_results
 from export.models import predict
 from kernels.calibration import DEFAULT_FPRS
-from kernels.detector import FingerprintDetector, Observations, RandomDraws
+from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M, FingerprintDetector, Observations, RandomDraws
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
-
-DEFAULT_M = 128  # fingerprints drawn per input (see the README's measurements)
 
 
 def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calibration_images: np.ndarray,
                  layers: Sequence[str] | None = None, attacks: AttackDefaults | None = None, per_class: int = 300,
                  search: SearchConfig = SearchConfig(), m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS,
-                 repeats: int = 10, seed: int = 0, progress: bool = False
+                 repeats: int = DEFAULT_CALIBRATION_REPEATS, seed: int = 0, progress: bool = False
                  ) -> tuple[FingerprintDetector, ActivationLayout]:
     """Attack, capture, search and calibrate: a calibrated randomized fingerprint detector for ``model``.
 

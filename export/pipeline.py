@@ -30,13 +30,19 @@ from export.workspace import Workspace
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels
 from kernels.calibration import DEFAULT_FPRS
-from kernels.detector import Detector, FingerprintDetector, Observations, bank_calibrations, fingerprint_detectors
+from kernels.detector import (
+    DEFAULT_CALIBRATION_REPEATS,
+    DEFAULT_M,
+    Detector,
+    FingerprintDetector,
+    Observations,
+    bank_calibrations,
+    fingerprint_detectors,
+)
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.scoring import METHODS, covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
-DEFAULT_M = 128                 # fingerprints drawn per input (see the README's measurements)
-DEFAULT_CALIBRATION_REPEATS = 10  # independent draws per calibration image
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
 DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "deepfool")  # what the demo sends
 

@@ -24,13 +24,21 @@ writes its tables and plot.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from kernels.bank import Bank
-from kernels.detector import AllFingerprints, Detector, FingerprintDetector, Observations, RandomDraws, Verdicts
+from kernels.detector import (
+    DEFAULT_CALIBRATION_REPEATS,
+    AllFingerprints,
+    Detector,
+    FingerprintDetector,
+    Observations,
+    RandomDraws,
+    Verdicts,
+)
 from kernels.errors import FingerprintError, ModelMismatchError
 
 
@@ -177,7 +185,7 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
     """
     from tqdm.auto import tqdm
 
-    from export.pipeline import DEFAULT_CALIBRATION_REPEATS, bank_dir, load_activation_set
+    from export.pipeline import bank_dir, load_activation_set
     from export.whitebox_report import filter_tables, plot_evasion
 
     started = time.time()
@@ -257,13 +265,7 @@ def adaptive(ws, banks: list[Bank], cfg: WhiteboxConfig, m_values: list[int], cl
 
     from export.activations import ActivationLayout, capture_activations
     from export.adaptive_attack import PGDConfig, detector_aware_pgd
-    from export.pipeline import (
-        DEFAULT_CALIBRATION_REPEATS,
-        correctly_classified,
-        load_activation_set,
-        load_classifier,
-        load_prepared,
-    )
+    from export.pipeline import correctly_classified, load_activation_set, load_classifier, load_prepared
 
     ds, splits, _ = load_prepared(ws)
     model = load_classifier(ws)

@@ -29,6 +29,9 @@ from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
 from kernels.errors import InvalidInputError
 from kernels.scoring import METHODS, NumpyScorer, check_labels, covered, draw_fingerprints, secure_rng
 
+DEFAULT_M = 128  # fingerprints drawn per input (see the README's measurements)
+DEFAULT_CALIBRATION_REPEATS = 10  # independent draws per calibration image
+
 
 @dataclass(frozen=True)
 class Observations:
@@ -227,7 +230,7 @@ class FingerprintDetector(Detector):
         calibration, fpr: see :class:`Detector`.
     """
 
-    def __init__(self, bank: Bank | None = None, draws: RandomDraws | AllFingerprints = RandomDraws(128),
+    def __init__(self, bank: Bank | None = None, draws: RandomDraws | AllFingerprints = RandomDraws(DEFAULT_M),
                  method: str = "lrt", backend=None, calibration: Calibration | None = None,
                  fpr: float | None = None) -> None:
         if method not in METHODS:

@@ -199,7 +199,10 @@ def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.nd
 
 def score(acts: np.ndarray, labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator | None = None,
           ids: np.ndarray | None = None, checked: bool = False, lrt_only: bool = False) -> Scores:
-    """Draw ``m`` fingerprints per input from its class's bank and score it.
+    """Draw ``m`` fingerprints per input from its class's bank and score it: raw scores, no thresholds.
+
+    The NumPy reference that the backends are tested against; detection (standardization, thresholds,
+    unchecked inputs) goes through :class:`kernels.detector.FingerprintDetector`.
 
     Args:
         acts: ``(B, D) float32`` activations laid out as the bank's ``layout``.
