@@ -28,7 +28,7 @@ from export.models import ClassifierSpec, default_spec, load_checkpoint, load_we
 from export.training import TrainingConfig, train_classifier
 from export.workspace import Workspace
 from kernels.bank import Bank
-from kernels.baselines import GrayPixels
+from kernels.baselines import GrayPixels, LogitMargin, Mahalanobis, MaxSoftmax
 from kernels.calibration import DEFAULT_FPRS
 from kernels.detector import (
     DEFAULT_CALIBRATION_REPEATS,
@@ -36,11 +36,12 @@ from kernels.detector import (
     Detector,
     FingerprintDetector,
     Observations,
-    bank_calibrations,
-    fingerprint_detectors,
+    MinPFusion,
+    RandomDraws,
+    served_detector,
 )
 from kernels.errors import InvalidInputError, ModelMismatchError
-from kernels.scoring import METHODS, covered
+from kernels.scoring import covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
@@ -185,7 +186,7 @@ def capture(ws: Workspace, layers: Sequence[str] | None = None, batch_size: int 
     Sets: ``fit_clean`` (fit images the model classifies correctly), ``fit_attacked`` (successful
     training attacks; ``label`` is the focal class), ``calibration``, ``test``, and ``eval_<attack>``
     for each evaluation attack. Each set is ``<set>.npy`` ``(N, D) float32`` plus ``<set>.npz`` with
-    ``label`` (true class; focal class for ``fit_attacked``), ``predicted`` and ``source`` (dataset index).
+    ``label`` (true class; focal class for ``fit_attacked``), ``predicted``, ``logits`` and ``source`` (dataset index).
     """
     started = time.time()
     ds, splits, _ = load_prepared(ws)
@@ -215,7 +216,7 @@ def capture(ws: Workspace, layers: Sequence[str] | None = None, batch_size: int 
         if layout is not None and lay != layout:
             raise ModelMismatchError(f"set {name} has layout {lay.layers}, others {layout.layers}")
         layout = lay
-        np.savez(out / f"{name}.npz", label=label, predicted=pred, source=source)
+        np.savez(out / f"{name}.npz", label=label, predicted=pred, source=source, logits=logits)
         files += [out / f"{name}.npy", out / f"{name}.npz"]
         counts[name] = int(len(label))
     assert layout is not None
@@ -268,17 +269,38 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     started = time.time()
     bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
-    clean = Observations(meta["predicted"], acts=acts)
-    detectors = fingerprint_detectors(bank, m)
-    for detector in detectors.values():
-        detector.calibrate(clean, fprs, repeats, seed, progress)
-    bank = bank.with_meta(calibration=bank_calibrations(detectors), draws_per_input=m)
+    clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"])
+    fingerprints, margin = FingerprintDetector(bank, RandomDraws(m)), LogitMargin()
+    fused = MinPFusion({"lrt": fingerprints, "margin": margin})
+    fused.calibrate(clean, fprs, repeats, seed, progress)
+    bank = bank.with_meta(calibration={"lrt": fingerprints.calibration.to_json(), "margin": margin.calibration.to_json(),
+                                       "fused": fused.to_json()}, draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
-    lrt = detectors["lrt"].calibration
+    lrt = fingerprints.calibration
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
               {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.thresholds.items()}})
     checked = int(lrt.counts.sum())
     return {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats}
+
+
+def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -> tuple[dict[str, Detector], int]:
+    """The served detector (the fusion), its members alone, and the baselines side by side, each
+    calibrated on the clean calibration split at the served detector's rates; and the draw size."""
+    served = served_detector(bank)
+    fprs = sorted(served.calibration.thresholds)
+    detectors: dict[str, Detector] = {"fused": served, **getattr(served, "members", {"lrt": served})}
+    layout = ActivationLayout.from_json(bank.meta["layout"])
+    fit_acts, fit_meta = load_activation_set(ws, "fit_clean", mmap=False)
+    last = layout.slices[-1]  # the last captured layer: the logits for the built-in models
+    baselines = {"msp": MaxSoftmax(), "gray_pixels": GrayPixels(),
+                 "mahalanobis": Mahalanobis(slice(last.offset, last.offset + last.size)).fit(
+                     Observations(fit_meta["label"], acts=fit_acts))}
+    if "margin" not in detectors:
+        baselines["margin"] = LogitMargin()
+    for name, baseline in baselines.items():
+        baseline.calibrate(calibration, fprs)
+        detectors[name] = baseline
+    return detectors, served.draw_size
 
 
 def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bool = True) -> dict[str, Any]:
@@ -290,17 +312,16 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     started = time.time()
     ds, splits, _ = load_prepared(ws)
     bank = Bank.load(bank_dir(ws))
-    detectors: dict[str, Detector] = {method: FingerprintDetector.from_bank(bank, method) for method in METHODS}
-    fprs = sorted(detectors["lrt"].calibration.thresholds)
-    detectors["gray_pixels"] = GrayPixels()
-    detectors["gray_pixels"].calibrate(Observations(np.zeros(len(splits.calibration), np.int64),
-                                                    images=ds.x[splits.calibration]), fprs)
-    m = detectors["lrt"].draws.m
+    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
+    detectors, m = evaluation_detectors(ws, bank, Observations(cal_meta["predicted"], acts=cal_acts,
+                                                               logits=cal_meta["logits"], images=ds.x[cal_meta["source"]]))
+    fprs = sorted(detectors["fused"].calibration.thresholds)
     test_acts, test_meta = load_activation_set(ws, "test", mmap=False)
-    clean = Observations(test_meta["predicted"], acts=np.ascontiguousarray(test_acts), images=ds.x[test_meta["source"]])
+    clean = Observations(test_meta["predicted"], acts=np.ascontiguousarray(test_acts), images=ds.x[test_meta["source"]],
+                         logits=test_meta["logits"])
     summary = ws.read_json(ws.attacks / "summary.json", "attack")
     report: dict[str, Any] = {"m": m, "fprs": fprs, "seed": seed, "attacks": {},
-                              "test_images_predicted_uncovered": int((~covered(clean.labels, bank, m)).sum()),
+                              "test_images_predicted_uncovered": int((~covered(clean.labels, bank, 1)).sum()),
                               "test_accuracy": float((test_meta["predicted"] == test_meta["label"]).mean())}
     curves = {}
     for label in tqdm(summary["eval"], desc="evaluate", unit="attack", disable=not progress):
@@ -310,7 +331,8 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
         if ok.sum() < 2:
             report["attacks"][label] = {"skipped": f"only {int(ok.sum())} successful attacks"}
             continue
-        attacked = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]), images=adv["x_adv"][ok])
+        attacked = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]), images=adv["x_adv"][ok],
+                                logits=meta["logits"][ok])
         r, curves[label] = evaluate_attack(detectors, clean, attacked, seed, spread_draws)
         report["attacks"][label] = {"params": summary["eval"][label]["params"],
                                     "success_rate": summary["eval"][label]["success_rate"], **r}
@@ -327,7 +349,7 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     files = [ws.write_json(out / "evaluation.json", report), out / "evaluation.md", out / "roc.png"]
     f0 = f"tpr@{min(fprs):g}"
     ws.record("evaluate", {"seed": seed, "spread_draws": spread_draws}, files, started,
-              {k: {"auc": v["lrt"]["auc"], f0: v["lrt"][f0]} for k, v in evaluated.items()})
+              {k: {"auc": v["fused"]["auc"], f0: v["fused"][f0]} for k, v in evaluated.items()})
     report["table"] = table
     return report
 

@@ -144,7 +144,7 @@ class Detector(ABC):
         checked = runs[0][1]
         if not checked.any():
             raise InvalidInputError(f"no calibration image can be checked by the {self.name} detector "
-                                    f"(each is predicted as a class with fewer than {self.draw_size} fingerprints)")
+                                    f"(none is predicted as a class it has fingerprints for)")
         labels = self.class_labels(clean.labels[checked])
         self.calibration = calibrate_threshold(
             np.concatenate([s[checked] for s, _, _ in runs]), np.tile(labels, repeats), self.num_classes, self.name,
@@ -182,17 +182,21 @@ class Detector(ABC):
 
 class RandomDraws:
     """The paper's draw policy: ``m`` fingerprints per input, uniformly with replacement from the bank
-    of its predicted class, fresh for every input."""
+    of its predicted class, fresh for every input.
+
+    A class with fewer than ``m`` fingerprints is still checked, with the ``m`` draws taken from what it
+    has, as long as it has ``min_fingerprints``; only a class below that is left unchecked.
+    """
 
     randomized = True
 
-    def __init__(self, m: int) -> None:
-        if m < 1:
-            raise InvalidInputError(f"m (fingerprints per input) must be at least 1, got {m}")
-        self.m = int(m)
+    def __init__(self, m: int, min_fingerprints: int = 1) -> None:
+        if m < 1 or min_fingerprints < 1:
+            raise InvalidInputError(f"m and min_fingerprints must be at least 1, got {m} and {min_fingerprints}")
+        self.m, self.min_fingerprints = int(m), int(min_fingerprints)
 
     def covers(self, labels: np.ndarray, bank: Bank) -> np.ndarray:
-        return covered(labels, bank, self.m)
+        return covered(labels, bank, self.min_fingerprints)
 
     def groups(self, labels: np.ndarray, bank: Bank, rng: np.random.Generator):
         """``[(rows, ids (len(rows), m))]``: which inputs are scored with which fingerprints."""
@@ -225,6 +229,8 @@ class FingerprintDetector(Detector):
         bank: the fingerprint bank (:meth:`fit` searches one).
         draws: :class:`RandomDraws` (the paper; what the server runs) or :class:`AllFingerprints`.
         method: which score.
+        per_class: standardize and threshold per predicted class (else one global threshold on the raw
+            score, which measured better with about 100 calibration images per class).
         backend: the scorer, :class:`kernels.scoring.NumpyScorer` (default) or
             :class:`kernels.gpu.GpuScorer` (the CUDA kernels; activations may live on the GPU).
         calibration, fpr: see :class:`Detector`.
@@ -232,10 +238,10 @@ class FingerprintDetector(Detector):
 
     def __init__(self, bank: Bank | None = None, draws: RandomDraws | AllFingerprints = RandomDraws(DEFAULT_M),
                  method: str = "lrt", backend=None, calibration: Calibration | None = None,
-                 fpr: float | None = None) -> None:
+                 fpr: float | None = None, per_class: bool = False) -> None:
         if method not in METHODS:
             raise InvalidInputError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
-        self.draws, self.method = draws, method
+        self.draws, self.method, self.per_class = draws, method, per_class
         self.randomized, self.draw_size = draws.randomized, draws.m
         self.name = method if draws.randomized else f"{method}-static"
         self.backend = backend
@@ -248,7 +254,7 @@ class FingerprintDetector(Detector):
         super().__init__(calibration, fpr)
 
     def _set_bank(self, bank: Bank) -> None:
-        self.bank, self.num_classes = bank, bank.num_classes
+        self.bank, self.num_classes = bank, bank.num_classes if self.per_class else 1
         self.backend = self.backend or NumpyScorer(bank)
 
     @classmethod
@@ -257,7 +263,7 @@ class FingerprintDetector(Detector):
         if "calibration" not in bank.meta or method not in bank.meta["calibration"]:
             raise InvalidInputError("the bank is not calibrated: run `nfp calibrate` first")
         cal = Calibration.from_json(bank.meta["calibration"][method])
-        return cls(bank, RandomDraws(cal.m), method, backend, cal, fpr)
+        return cls(bank, RandomDraws(cal.m), method, backend, cal, fpr, per_class=len(cal.class_mean) > 1)
 
     def fit(self, clean: Observations, attacked: Observations, config=None, num_classes: int | None = None,
             meta: dict | None = None, progress: bool = False) -> "FingerprintDetector":
@@ -299,11 +305,77 @@ class FingerprintDetector(Detector):
         return raw, checked, draws
 
 
-def fingerprint_detectors(bank: Bank, m: int, methods: Sequence[str] = METHODS) -> dict[str, FingerprintDetector]:
-    """One uncalibrated randomized detector per score method on ``bank``, drawing ``m``."""
-    return {method: FingerprintDetector(bank, RandomDraws(m), method) for method in methods}
+class MinPFusion(Detector):
+    """Several detectors as one decision: an input is as suspicious as its most surprising member.
+
+    Each member's standardized score is turned into its clean p-value, the share of clean calibration
+    inputs that scored lower (interpolated on :data:`REFERENCE_LEVELS` quantiles, floored at half a
+    calibration input); the fused raw score is the smallest log p-value, and its own threshold is then
+    calibrated on clean inputs like any other score, so the whole decision keeps the chosen
+    false-positive rate. Scale-free, so a likelihood ratio and a logit margin combine fairly; each member
+    is a detector of this contract (calibrated first, by :meth:`calibrate`, if it is not yet).
+
+    Args:
+        members: ``{name: detector}``; the first one that draws fingerprints supplies ``Verdicts.draws``.
+        references: ``{name: (L,) quantiles of its clean standardized scores}`` (set by :meth:`calibrate`).
+    """
+
+    name = "fused"
+
+    def __init__(self, members: dict[str, Detector], references: dict[str, np.ndarray] | None = None,
+                 calibration: Calibration | None = None, fpr: float | None = None) -> None:
+        self.members, self.references = dict(members), references
+        self.randomized = any(m.randomized for m in self.members.values())
+        self.draw_size = max((m.draw_size for m in self.members.values()), default=0)
+        super().__init__(calibration, fpr)
+
+    def calibrate(self, clean: Observations, fprs: Sequence[float] = DEFAULT_FPRS, repeats: int = 1, seed: int = 0,
+                  progress: bool = False) -> Calibration:
+        rng = np.random.default_rng([seed, 1])
+        self.references = {}
+        for name, member in self.members.items():
+            if member.calibration is None:
+                member.calibrate(clean, fprs, repeats, seed, progress)
+            runs = [member.detect(clean, rng=rng) for _ in range(repeats if member.randomized else 1)]
+            z = np.concatenate([v.score[v.checked] for v in runs])
+            self.references[name] = np.quantile(z, REFERENCE_LEVELS)
+        return super().calibrate(clean, fprs, repeats, seed + 1, progress)
+
+    def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None):
+        if self.references is None:
+            raise InvalidInputError("the fused detector is not calibrated: call calibrate() first")
+        rng = rng or secure_rng()
+        log_p, checked, draws = [], np.zeros(len(obs), bool), None
+        for name, member in self.members.items():
+            v = member.detect(obs, rng=rng)
+            p = np.interp(np.where(v.checked, v.score, np.inf), self.references[name], REFERENCE_LEVELS)
+            log_p.append(np.log(np.maximum(p, REFERENCE_FLOOR)))
+            checked |= v.checked
+            if draws is None and v.draws.shape[1]:
+                draws = v.draws
+        return np.min(log_p, axis=0), checked, draws if draws is not None else np.zeros((len(obs), 0), np.int64)
+
+    def to_json(self) -> dict:
+        """Its calibration and references; the members store their own."""
+        return {**self._calibrated().to_json(), "members": list(self.members),
+                "references": {k: v.tolist() for k, v in self.references.items()}}
 
 
-def bank_calibrations(detectors: dict[str, Detector]) -> dict[str, dict]:
-    """The calibrations to store in ``bank.json`` (:meth:`FingerprintDetector.from_bank` reads them)."""
-    return {name: d._calibrated().to_json() for name, d in detectors.items()}
+REFERENCE_LEVELS = np.linspace(0.0, 1.0, 2001)
+REFERENCE_FLOOR = 1e-4  # below the lowest reference quantile: an input rarer than any clean one
+
+
+def served_detector(bank: Bank, fpr: float | None = None, backend=None) -> Detector:
+    """The detector a calibrated bank was calibrated for: the fusion of the fingerprints' likelihood
+    ratio and the logit margin when ``nfp calibrate`` stored one (the default), else the fingerprints."""
+    from kernels.baselines import LogitMargin
+
+    calibrations = bank.meta.get("calibration", {})
+    fingerprints = FingerprintDetector.from_bank(bank, "lrt", None if "fused" in calibrations else fpr, backend)
+    if "fused" not in calibrations:
+        return fingerprints
+    d = calibrations["fused"]
+    members = {"lrt": fingerprints, "margin": LogitMargin(Calibration.from_json(calibrations["margin"]))}
+    if d["members"] != list(members):
+        raise InvalidInputError(f"the bank's fused detector combines {d['members']}, this code knows {list(members)}")
+    return MinPFusion(members, {k: np.array(v) for k, v in d["references"].items()}, Calibration.from_json(d), fpr)

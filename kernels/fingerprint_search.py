@@ -56,11 +56,14 @@ class SearchConfig:
         seed: seed of the candidate draws.
     """
 
-    k: tuple[int, ...] = (5,)
+    # Single neurons, the 300 strongest per class: on MNIST-5k they caught small-eps L-inf attacks
+    # far better than the paper's subsets (TPR at 1% FPR 0.96-0.98 against 0.60-0.74 for k = 5,
+    # `nfp study`); k = 50 (the paper's) and mixtures stay one option away.
+    k: tuple[int, ...] = (1,)
     candidates: int = 100_000
     p_max: float = PAPER_P_MAX
     d_min: float = PAPER_D_MIN
-    keep: int = 1000
+    keep: int = 300
     chunk: int = 8192
     method: str = "auto"
     seed: int = 0

@@ -2,9 +2,10 @@
 
 Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: load the bank once (refusing a bank
 built for another model), check each request on its own, and answer a batch of requests through the
-detector contract (:class:`kernels.detector.FingerprintDetector` with :class:`~kernels.detector.RandomDraws`:
-every input draws its own ``m`` fingerprints from the bank of its predicted class, a generator seeded
-from the operating system's CSPRNG, one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`).
+detector contract (:func:`kernels.detector.served_detector`: by default the fusion of the randomized
+fingerprints, where every input draws its own ``m`` fingerprints from the bank of its predicted class
+with a generator seeded from the operating system's CSPRNG and one gather-reduce in NumPy or the CUDA
+kernel of :mod:`kernels.gpu`, and the logit margin).
 
 Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
 ``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels.bank import Bank
-from kernels.detector import FingerprintDetector, Observations, Verdicts
+from kernels.detector import Observations, Verdicts, served_detector
 from kernels.errors import FingerprintError
 from kernels.scoring import check_activations, secure_rng
 
@@ -83,9 +84,9 @@ class ServedDetector:
             from kernels.gpu import GpuScorer
 
             backend = GpuScorer(bank, device_id)
-        self.detector = FingerprintDetector.from_bank(bank, "lrt", float(false_positive_rate), backend)
+        self.detector = served_detector(bank, float(false_positive_rate), backend)
         self.bank, self.gpu = bank, backend
-        self.m = self.detector.draws.m
+        self.m = self.detector.draw_size
         bank.lrt_params  # build the scoring table now, not on the first request
         self.rng = secure_rng()
 
@@ -105,10 +106,10 @@ class ServedDetector:
             raise FingerprintError("logits hold NaN or infinite values")
         return logits.argmax(axis=1), acts
 
-    def detect(self, labels: np.ndarray, acts: list) -> tuple[Verdicts, float]:
+    def detect(self, labels: np.ndarray, acts: list, logits: np.ndarray) -> tuple[Verdicts, float]:
         """Verdicts for a batch of requests that passed :meth:`check`, and the seconds spent drawing
-        and scoring. ``labels (B,)`` of all requests; ``acts`` their activations as :meth:`check`
-        returned them, one array per request."""
+        and scoring. ``labels (B,)`` and ``logits (B, C)`` of all requests; ``acts`` their activations as
+        :meth:`check` returned them, one array per request."""
         start = time.perf_counter()
         if len(acts) == 1:
             batch = acts[0]
@@ -117,5 +118,5 @@ class ServedDetector:
         else:
             with self.gpu.device:
                 batch = self.gpu.cp.concatenate([self.gpu.cp.asarray(a) for a in acts])
-        verdicts = self.detector.detect(Observations(labels, acts=batch, validated=True), rng=self.rng)
+        verdicts = self.detector.detect(Observations(labels, acts=batch, logits=logits, validated=True), rng=self.rng)
         return verdicts, time.perf_counter() - start

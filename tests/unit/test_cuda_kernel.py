@@ -158,7 +158,7 @@ def test_the_gpu_detector_takes_dlpack_tensors_and_fails_only_the_bad_request(ca
     labels, acts = zip(*[det.check(logits[s], wrap(torch.tensor(host[s], device="cuda")))
                          for s in (slice(0, 3), slice(3, 5))])
     labels = np.concatenate(labels)
-    d, _ = det.detect(labels, list(acts))
+    d, _ = det.detect(labels, list(acts), logits)
     assert d.checked.tolist() == [True, True, False, True, True]
     rows = [0, 1, 3, 4]
     offline = score(host[rows], labels[rows], det.bank, 16, ids=d.draws[rows])

@@ -61,7 +61,7 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     parts = [rng.random((3, 300), dtype=np.float32), rng.random((2, 300), dtype=np.float32)]
     logits = logits_for([0, 1, 1, 0, 1])
     labels = logits.argmax(1)
-    d, kernel_s = det.detect(labels, parts)
+    d, kernel_s = det.detect(labels, parts, logits)
     offline = score(np.concatenate(parts), labels, det.bank, M, ids=d.draws)
     cal = det.detector.calibration
     z = cal.standardize(offline.lrt, labels)
@@ -84,7 +84,7 @@ def test_an_image_of_a_class_without_fingerprints_is_answered_unchecked_beside_t
     acts = np.random.default_rng(4).random((3, 300), dtype=np.float32)
     logits = logits_for([0, 2, 1])
     labels, acts = det.check(logits, acts)
-    d, _ = det.detect(labels, [acts])
+    d, _ = det.detect(labels, [acts], logits)
     assert d.checked.tolist() == [True, False, True] and labels.tolist() == [0, 2, 1]
     assert np.isnan(d.score[1]) and not d.is_attacked[1] and (d.draws[1] == -1).all()
     rows = [0, 2]
@@ -99,7 +99,7 @@ def test_a_detector_seeds_its_draws_from_the_os_csprng(bank_dir, monkeypatch):
     import kernels.scoring
 
     acts, logits = [np.random.default_rng(3).random((1, 300), dtype=np.float32)], logits_for([1])
-    first = lambda: ServedDetector(bank_dir, SHA).detect(np.array([1]), acts)[0].draws  # noqa: E731
+    first = lambda: ServedDetector(bank_dir, SHA).detect(np.array([1]), acts, logits)[0].draws  # noqa: E731
     monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: 99)
     np.testing.assert_array_equal(first(), first())
     monkeypatch.undo()

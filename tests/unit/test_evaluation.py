@@ -4,7 +4,8 @@ import numpy as np
 from export.evaluation import evaluate_attack, markdown_table
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels
-from kernels.detector import Observations, fingerprint_detectors
+from kernels.detector import FingerprintDetector, Observations, RandomDraws
+from kernels.scoring import METHODS
 
 
 def two_class_bank_and_a_class_without_fingerprints(bank):
@@ -17,7 +18,7 @@ def two_class_bank_and_a_class_without_fingerprints(bank):
 def calibrated(bank, make_rows, fprs, images):
     """The three fingerprint scores and the gray-pixel baseline, calibrated on held-out clean rows."""
     x, y = make_rows(2000, 40, False)
-    detectors = fingerprint_detectors(bank, 16)
+    detectors = {method: FingerprintDetector(bank, RandomDraws(16), method) for method in METHODS}
     for d in detectors.values():
         d.calibrate(Observations(y, acts=x), fprs)
     detectors["gray_pixels"] = GrayPixels()

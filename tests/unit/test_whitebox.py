@@ -44,9 +44,11 @@ def test_filter_counts_add_up_and_the_static_filter_truly_filters(bank, make_row
         assert e["flagged_by_server"] + e["evaded_server"] == e["passed_local"]
         lo, hi = e["evasion_ci95"]
         assert lo <= e["evasion_rate"] <= hi
-    static_cal = calibrate_threshold(brute_force_static_scores(cal_x, cal_y, bank), cal_y, 2, "lrt-static", 0, (0.05,))
-    passed = ~static_cal.is_attacked(brute_force_static_scores(attacked.acts, attacked.labels, bank), attacked.labels,
-                                     0.05)
+    one_class = np.zeros_like  # the static detector's threshold is global, like the served one's
+    static_cal = calibrate_threshold(brute_force_static_scores(cal_x, cal_y, bank), one_class(cal_y), 1, "lrt-static",
+                                     0, (0.05,))
+    passed = ~static_cal.is_attacked(brute_force_static_scores(attacked.acts, attacked.labels, bank),
+                                     one_class(attacked.labels), 0.05)
     assert abs(int(passed.sum()) - r["static"]["passed_local"]) <= 1  # float32 vs float64 at the threshold
 
 
@@ -90,7 +92,7 @@ def test_detector_aware_evasion_needs_both_a_wrong_label_and_no_flag(bank, make_
     r = adaptive_experiment({"static": static, "server": stand_in}, attacked, true)
     assert r["attacked"] == 8 and r["misclassified"] == 4
     assert r["server"]["evaded"] == 2  # rows 1 and 3
-    static_flags = static.calibration.is_attacked(brute_force_static_scores(x, y, bank), y, 0.5)
+    static_flags = static.calibration.is_attacked(brute_force_static_scores(x, y, bank), static.class_labels(y), 0.5)
     assert r["static"]["evaded"] == int((~static_flags[:4]).sum())
 
 

@@ -7,7 +7,8 @@ CSPRNG-seeded draws, one gather-reduce; the CUDA kernel on ``KIND_GPU``, taking 
 DLPack), and returns:
 
 - ``label (1,) int64``, ``probabilities (num_classes,) float32`` (softmax of the logits);
-- ``score (1,) float32``: the likelihood-ratio score standardized for the predicted class (low = attacked);
+- ``score (1,) float32``: the detector's standardized score (by default the fused one: the smallest log
+  clean p-value of the fingerprints' likelihood ratio and the logit margin; low = attacked);
 - ``is_attacked (1,) bool``: score below the threshold calibrated for the configured false-positive rate;
 - ``checked (1,) bool``: whether the input could be checked (False where the predicted class has fewer
   than ``m`` fingerprints; then ``score`` is NaN and ``is_attacked`` False);
@@ -65,10 +66,9 @@ class TritonPythonModel:
             owners.append((i, len(z)))
         if not owners:
             return responses
-        labels = np.concatenate(labels)
-        verdicts, kernel_s = self.detector.detect(labels, acts)
+        labels, logits = np.concatenate(labels), np.concatenate(logits)
+        verdicts, kernel_s = self.detector.detect(labels, acts, logits)
         self.metrics.record(verdicts, kernel_s)
-        for (i, _), out in zip(owners, response_tensors(np.concatenate(logits), labels, verdicts,
-                                                        [n for _, n in owners])):
+        for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

@@ -65,7 +65,7 @@ class TritonPythonModel:
         labels = np.concatenate(labels)
         if len(answered) < len(owners):
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
-        verdicts, kernel_s = self.detector.detect(labels, [acts])
+        verdicts, kernel_s = self.detector.detect(labels, [acts], logits)
         self.metrics.record(verdicts, kernel_s)
         for (i, _), out in zip(answered, response_tensors(logits, labels, verdicts, [n for _, n in answered])):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])

@@ -1,0 +1,45 @@
+"""The baselines are what they claim, computed the obvious way, and answer through the contract."""
+import numpy as np
+import pytest
+
+from kernels.baselines import GrayPixels, LogitMargin, Mahalanobis, MaxSoftmax
+from kernels.detector import Observations
+from kernels.errors import InvalidInputError
+
+
+def test_margin_and_max_softmax_are_the_textbook_quantities():
+    logits = np.random.default_rng(0).normal(size=(50, 7)) * 4
+    obs = Observations(logits.argmax(1), logits=logits)
+    margin, _, _ = LogitMargin().raw_scores(obs)
+    msp, _, _ = MaxSoftmax().raw_scores(obs)
+    for i, z in enumerate(logits):
+        top = sorted(z.tolist())
+        assert margin[i] == pytest.approx(top[-1] - top[-2])
+        assert msp[i] == pytest.approx(np.log(max(np.exp(z) / np.exp(z).sum())))
+
+
+def test_mahalanobis_is_the_distance_to_the_predicted_class_mean_under_the_pooled_covariance():
+    rng = np.random.default_rng(1)
+    y = np.arange(600) % 3
+    x = (rng.normal(size=(600, 4)) @ rng.normal(size=(4, 4)) + 3 * y[:, None]).astype(np.float32)
+    det = Mahalanobis(ridge=0).fit(Observations(y, acts=x))
+    means = np.stack([x[y == c].astype(np.float64).mean(0) for c in range(3)])
+    r = x - means[y]
+    cov = r.T @ r / (600 - 3)
+    q = rng.normal(size=(5, 4)).astype(np.float32)
+    want = [-(v - means[c]) @ np.linalg.solve(cov, v - means[c]) for v, c in zip(q.astype(np.float64), [0, 1, 2, 0, 1])]
+    got, checked, draws = det.raw_scores(Observations(np.array([0, 1, 2, 0, 1]), acts=q))
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+    assert checked.all() and draws.shape == (5, 0)
+
+
+def test_a_baseline_is_calibrated_and_asked_like_any_detector():
+    rng = np.random.default_rng(2)
+    images = rng.choice([0.0, 1.0], size=(2000, 1, 8, 8)).astype(np.float32)  # black and white: clean
+    gray = GrayPixels()
+    gray.calibrate(Observations(np.zeros(2000, np.int64), images=images), fprs=(0.05,))
+    attacked = np.clip(images + rng.uniform(-0.3, 0.3, images.shape), 0, 1).astype(np.float32)
+    v = gray.detect(Observations(np.zeros(2000, np.int64), images=attacked))
+    assert v.is_attacked.mean() > 0.99 and v.checked.all()
+    with pytest.raises(InvalidInputError, match="needs logits"):
+        LogitMargin().raw_scores(Observations(np.zeros(3, np.int64), acts=np.zeros((3, 2), np.float32)))
