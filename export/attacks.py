@@ -64,8 +64,10 @@ ATTACK_DEFAULTS: dict[str, AttackDefaults] = {
 
 
 def evaluation_suite(defaults: AttackDefaults) -> list[str]:
-    """Every L-inf attack at every budget of ``sweep_eps``, then CW-L2 and DeepFool."""
-    return [f"{name}:eps={eps:g}" for eps in defaults.sweep_eps for name in LINF_ATTACKS] + ["cw-l2", "deepfool"]
+    """Every L-inf attack at every budget of ``sweep_eps``, then CW-L2 at confidence 0, 5 and 10 (past
+    the decision boundary by that logit margin, where a margin test stops helping) and DeepFool."""
+    return ([f"{name}:eps={eps:g}" for eps in defaults.sweep_eps for name in LINF_ATTACKS]
+            + ["cw-l2", "cw-l2:confidence=5", "cw-l2:confidence=10", "deepfool"])
 
 
 def attack_defaults(dataset: str) -> AttackDefaults:
@@ -93,8 +95,12 @@ class AttackSpec:
 
     @property
     def label(self) -> str:
-        """A file-name-safe identifier, e.g. ``pgd-targeted_eps0.1``."""
-        return f"{self.name}_eps{self.params['eps']:g}" if "eps" in self.params else self.name
+        """A file-name-safe identifier, e.g. ``pgd-targeted_eps0.1``, ``cw-l2_conf5``."""
+        if "eps" in self.params:
+            return f"{self.name}_eps{self.params['eps']:g}"
+        if self.params.get("confidence"):
+            return f"{self.name}_conf{self.params['confidence']:g}"
+        return self.name
 
     @classmethod
     def from_defaults(cls, name: str, defaults: AttackDefaults, **overrides: Any) -> "AttackSpec":

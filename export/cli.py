@@ -265,6 +265,17 @@ def _demo(args, ws, progress):
     return {**served, "table": format_report(served, fpr)}
 
 
+def _study(args, ws, progress):
+    from export.detection_study import run_study
+
+    return {"table": run_study(ws, args.study_seed, args.only, progress)["table"]}
+
+
+def _add_study(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study-seed", type=int, default=1, help="seed of the draws on the test split (default: %(default)s)")
+    p.add_argument("--only", metavar="TEXT", help="measure only the designs whose name contains TEXT, e.g. 'fused'")
+
+
 def _synthetic_bank(args, ws, progress):
     from export.synthetic_bank import write_synthetic_out
 
@@ -298,6 +309,8 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
                 [_add_predict], None),
     "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results",
              [_add_out, _add_quiet, _add_demo], _demo),
+    "study": ("many detector designs (fingerprint sizes, layers, thresholds, aggregations, fusions) and the "
+              "baselines, side by side on the pipeline's test split", [_add_out, _add_quiet, _add_study], _study),
     "synthetic-bank": ("write a pipeline output folder for serving benchmarks: EfficientNet-Lite0 exported to ONNX "
                        "with a random 1,000-class bank (never for detection)", [_add_out, _add_synthetic],
                        _synthetic_bank),

@@ -36,7 +36,7 @@ from kernels.detector import (
     Detector,
     FingerprintDetector,
     Observations,
-    MinPFusion,
+    PValueFusion,
     RandomDraws,
     served_detector,
 )
@@ -45,7 +45,7 @@ from kernels.scoring import covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
-DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "deepfool")  # what the demo sends
+DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "cw-l2_conf5", "deepfool")  # what the demo sends
 
 
 def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
@@ -258,6 +258,13 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     return results
 
 
+def default_fusion(bank: Bank, m: int) -> PValueFusion:
+    """The served default (``nfp study`` measured it against the alternatives): the fingerprints' vote
+    over ``m`` random single-neuron fingerprints and the logit margin, fused by their smallest clean
+    p-value, each with one global threshold."""
+    return PValueFusion({"vote": FingerprintDetector(bank, RandomDraws(m), "vote"), "margin": LogitMargin()}, "min")
+
+
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
     """Thresholds for each false-positive rate, from the calibration split's clean images, under the
@@ -270,13 +277,15 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
     bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
     clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"])
-    fingerprints, margin = FingerprintDetector(bank, RandomDraws(m)), LogitMargin()
-    fused = MinPFusion({"lrt": fingerprints, "margin": margin})
+    lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")  # the paper's score, kept for comparison
+    lrt.calibrate(clean, fprs, repeats, seed, progress)
+    fused = default_fusion(bank, m)
     fused.calibrate(clean, fprs, repeats, seed, progress)
-    bank = bank.with_meta(calibration={"lrt": fingerprints.calibration.to_json(), "margin": margin.calibration.to_json(),
-                                       "fused": fused.to_json()}, draws_per_input=m)
+    bank = bank.with_meta(calibration={"lrt": lrt.calibration.to_json(), **{
+        name: member.calibration.to_json() for name, member in fused.members.items()}, "fused": fused.to_json()},
+        draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
-    lrt = fingerprints.calibration
+    lrt = lrt.calibration
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
               {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.thresholds.items()}})
     checked = int(lrt.counts.sum())
@@ -288,7 +297,8 @@ def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -
     calibrated on the clean calibration split at the served detector's rates; and the draw size."""
     served = served_detector(bank)
     fprs = sorted(served.calibration.thresholds)
-    detectors: dict[str, Detector] = {"fused": served, **getattr(served, "members", {"lrt": served})}
+    detectors: dict[str, Detector] = {"fused": served, **getattr(served, "members", {})}
+    detectors["lrt"] = FingerprintDetector.from_bank(bank, "lrt")  # the paper's score
     layout = ActivationLayout.from_json(bank.meta["layout"])
     fit_acts, fit_meta = load_activation_set(ws, "fit_clean", mmap=False)
     last = layout.slices[-1]  # the last captured layer: the logits for the built-in models

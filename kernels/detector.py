@@ -305,26 +305,34 @@ class FingerprintDetector(Detector):
         return raw, checked, draws
 
 
-class MinPFusion(Detector):
-    """Several detectors as one decision: an input is as suspicious as its most surprising member.
+class PValueFusion(Detector):
+    """Several detectors as one decision, by their clean p-values.
 
-    Each member's standardized score is turned into its clean p-value, the share of clean calibration
-    inputs that scored lower (interpolated on :data:`REFERENCE_LEVELS` quantiles, floored at half a
-    calibration input); the fused raw score is the smallest log p-value, and its own threshold is then
-    calibrated on clean inputs like any other score, so the whole decision keeps the chosen
-    false-positive rate. Scale-free, so a likelihood ratio and a logit margin combine fairly; each member
-    is a detector of this contract (calibrated first, by :meth:`calibrate`, if it is not yet).
+    Each member's standardized score becomes its clean p-value: the share of clean calibration inputs
+    that scored lower, interpolated on :data:`REFERENCE_LEVELS` quantiles and, below the lowest clean
+    score, extended by a Gaussian tail (so an input far beyond every clean one keeps its distance instead
+    of saturating). The fused raw score combines the log p-values by ``rule``:
+
+    - ``"min"``: the smallest (an input is as suspicious as its most surprising member);
+    - ``"fisher"``: their sum (Fisher's method: evidence from several members adds up).
+
+    Its own threshold is then calibrated on clean inputs like any other score, so the fused decision
+    keeps the chosen false-positive rate. Scale-free, so a likelihood ratio and a logit margin combine
+    fairly; each member is a detector of this contract (calibrated first by :meth:`calibrate` if not yet).
 
     Args:
         members: ``{name: detector}``; the first one that draws fingerprints supplies ``Verdicts.draws``.
+        rule: ``"min"`` or ``"fisher"``.
         references: ``{name: (L,) quantiles of its clean standardized scores}`` (set by :meth:`calibrate`).
     """
 
     name = "fused"
 
-    def __init__(self, members: dict[str, Detector], references: dict[str, np.ndarray] | None = None,
+    def __init__(self, members: dict[str, Detector], rule: str = "min", references: dict[str, np.ndarray] | None = None,
                  calibration: Calibration | None = None, fpr: float | None = None) -> None:
-        self.members, self.references = dict(members), references
+        if rule not in FUSION_RULES:
+            raise InvalidInputError(f"unknown fusion rule {rule!r}; choose one of {', '.join(FUSION_RULES)}")
+        self.members, self.rule, self.references = dict(members), rule, references
         self.randomized = any(m.randomized for m in self.members.values())
         self.draw_size = max((m.draw_size for m in self.members.values()), default=0)
         super().__init__(calibration, fpr)
@@ -337,8 +345,7 @@ class MinPFusion(Detector):
             if member.calibration is None:
                 member.calibrate(clean, fprs, repeats, seed, progress)
             runs = [member.detect(clean, rng=rng) for _ in range(repeats if member.randomized else 1)]
-            z = np.concatenate([v.score[v.checked] for v in runs])
-            self.references[name] = np.quantile(z, REFERENCE_LEVELS)
+            self.references[name] = np.quantile(np.concatenate([v.score[v.checked] for v in runs]), REFERENCE_LEVELS)
         return super().calibrate(clean, fprs, repeats, seed + 1, progress)
 
     def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None):
@@ -348,34 +355,50 @@ class MinPFusion(Detector):
         log_p, checked, draws = [], np.zeros(len(obs), bool), None
         for name, member in self.members.items():
             v = member.detect(obs, rng=rng)
-            p = np.interp(np.where(v.checked, v.score, np.inf), self.references[name], REFERENCE_LEVELS)
-            log_p.append(np.log(np.maximum(p, REFERENCE_FLOOR)))
+            log_p.append(np.where(v.checked, clean_log_p_value(np.nan_to_num(v.score), self.references[name]), 0.0))
             checked |= v.checked
             if draws is None and v.draws.shape[1]:
                 draws = v.draws
-        return np.min(log_p, axis=0), checked, draws if draws is not None else np.zeros((len(obs), 0), np.int64)
+        fused = np.min(log_p, axis=0) if self.rule == "min" else np.sum(log_p, axis=0)
+        return fused, checked, draws if draws is not None else np.zeros((len(obs), 0), np.int64)
 
     def to_json(self) -> dict:
-        """Its calibration and references; the members store their own."""
-        return {**self._calibrated().to_json(), "members": list(self.members),
+        """Its calibration, rule and references; the members store their own."""
+        return {**self._calibrated().to_json(), "members": list(self.members), "rule": self.rule,
                 "references": {k: v.tolist() for k, v in self.references.items()}}
 
 
+FUSION_RULES = ("min", "fisher")
 REFERENCE_LEVELS = np.linspace(0.0, 1.0, 2001)
-REFERENCE_FLOOR = 1e-4  # below the lowest reference quantile: an input rarer than any clean one
+
+
+def clean_log_p_value(z: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``log P(clean score <= z)`` from the clean quantiles ``reference`` (at :data:`REFERENCE_LEVELS`),
+    the lowest quantile standing for half a level; below it a Gaussian tail continues the curve."""
+    from scipy.special import log_ndtr
+
+    floor = REFERENCE_LEVELS[1] / 2
+    inside = np.log(np.maximum(np.interp(z, reference, REFERENCE_LEVELS), floor))
+    tail = np.log(floor) + log_ndtr(np.minimum(z, reference[0])) - log_ndtr(reference[0])
+    return np.where(z < reference[0], tail, inside)
 
 
 def served_detector(bank: Bank, fpr: float | None = None, backend=None) -> Detector:
-    """The detector a calibrated bank was calibrated for: the fusion of the fingerprints' likelihood
-    ratio and the logit margin when ``nfp calibrate`` stored one (the default), else the fingerprints."""
+    """The detector a calibrated bank was calibrated for: the fusion that ``nfp calibrate`` stores by
+    default (the fingerprints' vote and the logit margin), else the fingerprints' likelihood ratio."""
     from kernels.baselines import LogitMargin
 
     calibrations = bank.meta.get("calibration", {})
-    fingerprints = FingerprintDetector.from_bank(bank, "lrt", None if "fused" in calibrations else fpr, backend)
     if "fused" not in calibrations:
-        return fingerprints
+        return FingerprintDetector.from_bank(bank, "lrt", fpr, backend)
     d = calibrations["fused"]
-    members = {"lrt": fingerprints, "margin": LogitMargin(Calibration.from_json(calibrations["margin"]))}
-    if d["members"] != list(members):
-        raise InvalidInputError(f"the bank's fused detector combines {d['members']}, this code knows {list(members)}")
-    return MinPFusion(members, {k: np.array(v) for k, v in d["references"].items()}, Calibration.from_json(d), fpr)
+    members: dict[str, Detector] = {}
+    for name in d["members"]:
+        if name in METHODS:
+            members[name] = FingerprintDetector.from_bank(bank, name, None, backend)
+        elif name == "margin":
+            members[name] = LogitMargin(Calibration.from_json(calibrations[name]))
+        else:
+            raise InvalidInputError(f"the bank's fused detector has a member {name!r} this code does not know")
+    return PValueFusion(members, d["rule"], {k: np.array(v) for k, v in d["references"].items()},
+                        Calibration.from_json(d), fpr)

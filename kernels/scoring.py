@@ -187,13 +187,20 @@ def lrt_scores(values: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
     return log_likelihood_ratio(values, *bank.lrt_params.take(ids, axis=1)).mean(axis=1, dtype=np.float64)
 
 
+def vote_scores(values: np.ndarray, ids: np.ndarray, bank: Bank) -> np.ndarray:
+    """``(B,)`` the vote score alone: the fraction of the drawn fingerprints whose value lies closer, in
+    z-units, to its clean Gaussian than to its attacked one (a robust aggregate: one fingerprint with
+    an extreme likelihood ratio moves it by at most ``1 / m``)."""
+    cm, inv_cs, am, inv_as, _ = bank.lrt_params.take(ids, axis=1)
+    return (np.abs((values - cm) * inv_cs) < np.abs((values - am) * inv_as)).mean(axis=1, dtype=np.float64)
+
+
 def score_values(values: np.ndarray, ids: np.ndarray, bank: Bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """LRT, vote and anomaly scores ``(B,)`` of fingerprint values ``(B, m)``."""
     cm, inv_cs, am, inv_as, _ = bank.lrt_params.take(ids, axis=1)
     zc, za = (values - cm) * inv_cs, (values - am) * inv_as
-    vote = (np.abs(zc) < np.abs(za)).mean(axis=1)
     clean_ll = -0.5 * zc * zc + np.log(inv_cs)
-    return (lrt_scores(values, ids, bank), vote.astype(np.float64),
+    return (lrt_scores(values, ids, bank), vote_scores(values, ids, bank),
             clean_ll.mean(axis=1, dtype=np.float64) - HALF_LOG_2PI)
 
 
@@ -248,4 +255,6 @@ class NumpyScorer:
         values = subset_means(acts, ids, self.bank)
         if method == "lrt":
             return lrt_scores(values, ids, self.bank)
+        if method == "vote":
+            return vote_scores(values, ids, self.bank)
         return dict(zip(METHODS, score_values(values, ids, self.bank)))[method]

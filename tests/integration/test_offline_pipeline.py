@@ -29,7 +29,7 @@ def test_main_job_runs_every_stage_and_records_a_manifest(tiny_run):
     assert summary["eval"]["cw-l2"]["params"]["max_iter"] == 3
 
     bank = json.loads((out / "bank" / "bank.json").read_text())
-    assert bank["draws_per_input"] == 16 and set(bank["calibration"]) == {"lrt", "margin", "fused"}
+    assert bank["draws_per_input"] == 16 and set(bank["calibration"]) == {"lrt", "vote", "margin", "fused"}
     evaluation = json.loads((out / "report" / "evaluation.json").read_text())
     for name, row in evaluation["attacks"].items():  # every successful attack counts, checkable or not
         if "skipped" not in row:
@@ -51,7 +51,7 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
-                                     "export", "serve", "predict", "whitebox", "demo", "synthetic-bank", "pipeline"])
+                                     "export", "serve", "predict", "whitebox", "demo", "study", "synthetic-bank", "pipeline"])
 def test_every_subcommand_explains_itself_and_each_of_its_options_is_read(command, capsys):
     """A flag the code never reads would be a lie in --help: every option's value must be read as
     ``args.<name>`` by the command line's code."""

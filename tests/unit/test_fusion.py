@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kernels.baselines import LogitMargin
-from kernels.detector import FingerprintDetector, MinPFusion, Observations, RandomDraws, served_detector
+from kernels.detector import FingerprintDetector, PValueFusion, Observations, RandomDraws, served_detector
 
 
 def logits_with_margin(labels, margin, rng):
@@ -22,7 +22,7 @@ def clean(make_rows, n, seed):
 
 @pytest.fixture
 def fused(bank, make_rows):
-    fused = MinPFusion({"lrt": FingerprintDetector(bank, RandomDraws(16)), "margin": LogitMargin()})
+    fused = PValueFusion({"lrt": FingerprintDetector(bank, RandomDraws(16)), "margin": LogitMargin()})
     fused.calibrate(clean(make_rows, 3000, 50), fprs=(0.01, 0.05), repeats=3, seed=0)
     return fused
 
