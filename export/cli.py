@@ -44,6 +44,9 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
                         "index, e.g. 285/ and 967/ for an ImageNet model)")
     p.add_argument("--fractions", type=float, nargs=3, metavar=("FIT", "CAL", "TEST"), default=(0.6, 0.2, 0.2),
                    help="shares of the fit, calibration and test splits (default: 0.6 0.2 0.2)")
+    p.add_argument("--images-per-class", type=int,
+                   help="a seeded subset of this many images per class, e.g. 500 for a 5,000-image Fashion-MNIST "
+                        "(default: every image)")
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
@@ -61,6 +64,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate (default: %(default)s)")
     p.add_argument("--train-seed", type=int, default=d.seed, help="seed of initialisation and batches (default: %(default)s)")
+    p.add_argument("--adversarial-eps", type=float, default=d.adversarial_eps,
+                   help="then PGD adversarial training at this L-inf budget (ART's AdversarialTrainerMadryPGD), "
+                        "for a robust classifier; 0 = none (default: %(default)s)")
+    p.add_argument("--adversarial-epochs", type=int, default=d.adversarial_epochs,
+                   help="epochs of adversarial training (default: %(default)s)")
 
 
 def _add_attack(p: argparse.ArgumentParser) -> None:
@@ -76,6 +84,11 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-count", type=int, default=DEFAULT_EVAL_COUNT,
                    help="test images attacked by each evaluation attack (default: %(default)s)")
     p.add_argument("--attack-seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--train-eps", type=float, nargs="+", metavar="EPS",
+                   help="the bank's targeted attacks: the L-inf budgets tried in turn, each image moving to the next "
+                        "only if the last failed (default: the profile's, 0.2 0.3 for MNIST; raise for robust models)")
+    p.add_argument("--train-max-iter", type=int,
+                   help="steps of those attacks (default: the profile's, 40)")
     p.add_argument("--attack-profile", choices=sorted(ATTACK_DEFAULTS),
                    help="which data set's attack defaults to use (default: the data set's own; 'default' for "
                         "folders and .npz files: natural images, eps 8/255)")
@@ -186,14 +199,15 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
 def _prepare(args, ws, progress):
     from export import pipeline
 
-    return pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes)
+    return pipeline.prepare(ws, args.dataset, args.seed, args.fractions, args.num_classes, args.images_per_class)
 
 
 def _train(args, ws, progress):
     from export import pipeline
     from export.training import TrainingConfig
 
-    config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed)
+    config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed,
+                            adversarial_eps=args.adversarial_eps, adversarial_epochs=args.adversarial_epochs)
     return pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress, args.pretrained)
 
 
@@ -201,8 +215,10 @@ def _attack(args, ws, progress):
     from export import pipeline
 
     summary = pipeline.attack(ws, args.per_class, args.eval_attacks, args.eval_count, args.attack_seed, progress,
-                              args.attack_profile)
+                              args.attack_profile, args.train_eps, args.train_max_iter)
     return {"train_successful_per_focal_class": summary["train"]["successful_per_focal_class"],
+            "train_budgets": summary["train"]["budgets"],
+            "classes_below_minimum (answered unchecked)": summary["train"]["classes_below_minimum"],
             "eval": {k: f"{v['successful']}/{v['attempted']} successful" for k, v in summary["eval"].items()}}
 
 

@@ -143,7 +143,8 @@ def load_fashion_mnist(root: Path = FASHION_MNIST_DIR) -> Dataset:
     """All 70,000 Fashion-MNIST images (train then t10k) from the Debian package's IDX files."""
     if not root.is_dir():
         raise DatasetError(
-            f"Fashion-MNIST not found at {root}: install the Debian package dataset-fashion-mnist"
+            f"Fashion-MNIST not found at {root}: install it with `sudo apt-get install dataset-fashion-mnist` "
+            "(Debian/Ubuntu; 30 MB)"
         )
     xs, ys = [], []
     for part in ("train", "t10k"):
@@ -235,6 +236,7 @@ def split_dataset(
     y: np.ndarray,
     seed: int = 0,
     fractions: tuple[float, float, float] = DEFAULT_SPLIT_FRACTIONS,
+    per_class: int | None = None,
 ) -> Splits:
     """Stratified, seeded split into fit / calibration / test index sets.
 
@@ -245,14 +247,18 @@ def split_dataset(
         y: ``(N,) int`` labels.
         seed: seed of the shuffle.
         fractions: shares of fit, calibration and test; positive, summing to 1.
+        per_class: use only this many (seeded, random) images of each class, e.g. a 5,000-image subset
+            of Fashion-MNIST's 70,000 with 500.
     """
+    if per_class is not None and per_class < 3:
+        raise DatasetError(f"per_class must be at least 3 (one image per split), got {per_class}")
     fractions = tuple(float(f) for f in fractions)  # type: ignore[assignment]
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise DatasetError(f"split fractions must be three positive numbers summing to 1, got {fractions}")
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[], [], []]
     for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
+        idx = rng.permutation(np.flatnonzero(y == c))[:per_class]
         if len(idx) < 3:
             raise DatasetError(f"class {c} has {len(idx)} images; each split needs at least one")
         n_fit = max(1, int(round(fractions[0] * len(idx))))

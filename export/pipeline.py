@@ -6,7 +6,7 @@ functions one per sub-command; ``run_pipeline`` calls them in order.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +44,7 @@ from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.scoring import covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
+MIN_ATTACKED_PER_CLASS = 3      # a class's search needs at least this many (kernels.fingerprint_search)
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
 DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "cw-l2_conf5", "deepfool")  # what the demo sends
 
@@ -60,19 +61,20 @@ def load_prepared(ws: Workspace) -> tuple[Dataset, Splits, dict[str, Any]]:
 
 
 def prepare(ws: Workspace, dataset: str = "mnist", seed: int = 0,
-            fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS, num_classes: int | None = None) -> dict[str, Any]:
-    """Load the data set, make the seeded splits, and record both (see :func:`load_dataset` for
-    ``num_classes``)."""
+            fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS, num_classes: int | None = None,
+            per_class: int | None = None) -> dict[str, Any]:
+    """Load the data set, make the seeded splits (of ``per_class`` images per class, if given), and
+    record both (see :func:`load_dataset` for ``num_classes``)."""
     started = time.time()
     ds = load_dataset(dataset, num_classes)
-    splits = split_dataset(ds.y, seed, tuple(fractions))  # type: ignore[arg-type]
+    splits = split_dataset(ds.y, seed, tuple(fractions), per_class)  # type: ignore[arg-type]
     ws.root.mkdir(parents=True, exist_ok=True)
     np.savez(ws.splits, **splits.as_dict())
     meta = {"dataset": dataset, "num_classes": num_classes, "num_images": len(ds.y), "image_shape": ds.image_shape,
-            "class_names": ds.class_names, "seed": seed, "fractions": list(fractions),
+            "class_names": ds.class_names, "seed": seed, "fractions": list(fractions), "per_class": per_class,
             "split_sizes": {k: len(v) for k, v in splits.as_dict().items()}}
     ws.write_json(ws.data_json, meta)
-    ws.record("prepare", {"dataset": dataset, "seed": seed, "fractions": list(fractions)},
+    ws.record("prepare", {"dataset": dataset, "seed": seed, "fractions": list(fractions), "per_class": per_class},
               [ws.data_json, ws.splits], started, meta["split_sizes"])
     return meta
 
@@ -129,11 +131,15 @@ def load_classifier(ws: Workspace) -> torch.nn.Module:
 
 def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks: Sequence[str] | None = None,
            eval_count: int = DEFAULT_EVAL_COUNT, seed: int = 0, progress: bool = True,
-           profile: str | None = None) -> dict[str, Any]:
+           profile: str | None = None, train_eps: Sequence[float] | None = None,
+           train_max_iter: int | None = None) -> dict[str, Any]:
     """Targeted training attacks into every class (fit split), and evaluation attacks (test split).
 
     ``eval_attacks`` default to :func:`~export.attacks.evaluation_suite` (an L-inf budget sweep, CW-L2,
-    DeepFool). ``profile`` picks the attack defaults (a key of ``ATTACK_DEFAULTS``; default: the data set's).
+    DeepFool). ``profile`` picks the attack defaults (a key of ``ATTACK_DEFAULTS``; default: the data set's);
+    ``train_eps`` and ``train_max_iter`` override its ladder of training budgets and their steps (a
+    robust classifier needs larger ones). Fails, naming the budgets tried, when no class gets 3
+    successful training attacks; classes below 3 are reported (their inputs will be answered unchecked).
     Only correctly classified images are attacked. Writes ``attacks/train.npz`` and one
     ``attacks/eval/<attack>.npz`` per evaluation attack, with ``attacks/summary.json``.
     """
@@ -141,6 +147,8 @@ def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks
     ds, splits, meta = load_prepared(ws)
     model = load_classifier(ws)
     defaults = attack_defaults(profile or meta["dataset"])
+    defaults = replace(defaults, train_eps=tuple(train_eps or defaults.train_eps),
+                       max_iter=train_max_iter or defaults.max_iter)
     eval_attacks = list(eval_attacks or evaluation_suite(defaults))
     specs = [parse_attack(a, defaults) for a in eval_attacks]
 
@@ -153,10 +161,17 @@ def attack(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, eval_attacks
     np.savez(train_path, **merged)
     ok = merged["success"]
     per_class_counts = {ds.class_names[c]: int((ok & (merged["target"] == c)).sum()) for c in range(ds.num_classes)}
+    short = [name for name, n in per_class_counts.items() if n < MIN_ATTACKED_PER_CLASS]
+    budgets = f"eps {', '.join(f'{e:g}' for e in defaults.train_eps)} with {defaults.max_iter} steps"
+    if len(short) == len(per_class_counts):
+        raise InvalidInputError(
+            f"the bank's targeted attacks succeeded on at most {max(per_class_counts.values())} images per class at "
+            f"{budgets}: too few to search fingerprints (3 per class needed). A robust classifier needs larger "
+            f"budgets: e.g. --train-eps 0.3 0.4 0.5 --train-max-iter 100")
     summary: dict[str, Any] = {
         "train": {"rungs": [r.summary() for r in train_results], "successful_per_focal_class": per_class_counts,
                   "attempted": int(len(np.unique(merged["source"] * ds.num_classes + merged["target"]))),
-                  "successful": int(ok.sum())},
+                  "successful": int(ok.sum()), "budgets": budgets, "classes_below_minimum": short},
         "eval": {},
     }
     files = [train_path]

@@ -27,6 +27,15 @@ def test_splits_are_disjoint_stratified_and_reproducible(mnist):
     assert not np.array_equal(a.fit, split_dataset(mnist.y, seed=4).fit)
 
 
+def test_a_per_class_subset_keeps_the_split_shares_and_only_that_many_images_per_class(mnist):
+    s = split_dataset(mnist.y, seed=3, per_class=50)
+    picked = np.concatenate(list(s.as_dict().values()))
+    assert len(np.unique(picked)) == 500 and np.bincount(mnist.y[picked]).tolist() == [50] * 10
+    assert np.bincount(mnist.y[s.fit]).tolist() == [30] * 10
+    with pytest.raises(DatasetError, match="per_class must be at least 3"):
+        split_dataset(mnist.y, per_class=2)
+
+
 def test_bad_split_fractions_are_refused(mnist):
     with pytest.raises(DatasetError, match="summing to 1"):
         split_dataset(mnist.y, fractions=(0.5, 0.5, 0.5))
