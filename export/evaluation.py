@@ -96,14 +96,14 @@ def markdown_table(report: dict[str, Any]) -> str:
     primary, others = first["detectors"][0] if first["detectors"] else None, first["detectors"][1:]
     head = (["attack", "attacked n", "unchecked", "AUC"] + [f"TPR@{f:g}" for f in fprs]
             + [f"clean FPR@{f:g}" for f in fprs] + [f"TPR@{f0:g} over draws (mean±std, min)"]
-            + [f"{name} {what}" for name in others for what in ("AUC", f"TPR@{f0:g}")])
+            + [f"{name} TPR@{f0:g} (AUC)" for name in others])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in attacks.items():
         p, sp = r[primary], r.get("spread")
         row = ([name, str(r["n_attacked"]), str(r["unchecked_attacked"]), f"{p['auc']:.3f}"]
                + [f"{p[f'tpr@{f:g}']:.3f}" for f in fprs] + [f"{p[f'fpr@{f:g}']:.3f}" for f in fprs]
                + [f"{sp['tpr_mean']:.3f}±{sp['tpr_std']:.3f}, {sp['tpr_min']:.3f}" if sp else ""]
-               + [f"{r[o][k]:.3f}" for o in others for k in ("auc", f"tpr@{f0:g}")])
+               + [f"{r[o][f'tpr@{f0:g}']:.3f} ({r[o]['auc']:.3f})" for o in others])
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

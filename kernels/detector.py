@@ -13,8 +13,9 @@ clean statistics of the predicted class and compares it with the calibrated thre
 (:mod:`kernels.calibration`). Every detector of the project implements it: the randomized neural
 fingerprints (Fisher, Shahar & Resheff, 2024, Sec. 3.3) with a pluggable draw policy and backend,
 their static all-fingerprint variant, the baselines (:mod:`kernels.baselines`) and, in the white-box
-experiment, a running Triton server. The served models run :class:`FingerprintDetector` through
-:mod:`model_repository.serving`.
+experiment, a running Triton server. :class:`PValueFusion` makes several of them one decision; the
+served default (:func:`served_detector`, run by :mod:`model_repository.serving`) fuses the fingerprints'
+vote with the logit margin.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def test_attacks_the_bank_cannot_check_are_counted_as_misses(bank, make_rows):
                                                                             "tpr@0.01": 0.0}
     assert set(curves) == {"lrt", "vote", "anomaly", "gray_pixels"} and r["detectors"][0] == "lrt"
     table = markdown_table({"fprs": [0.01, 0.05], "attacks": {"planted": r}}).splitlines()
-    assert table[2].startswith("| planted | 300 | 100 |") and "gray_pixels TPR@0.01" in table[0]
+    assert table[2].startswith("| planted | 300 | 100 |") and "gray_pixels TPR@0.01 (AUC)" in table[0]
 
 
 def test_the_report_takes_whatever_rates_were_calibrated(bank, make_rows):
