@@ -284,12 +284,19 @@ def _demo(args, ws, progress):
 def _study(args, ws, progress):
     from export.detection_study import run_study
 
+    if args.transfer:
+        from export.detection_study import transfer_study
+
+        return {"table": transfer_study(ws, args.study_seed, progress)["table"]}
     return {"table": run_study(ws, args.study_seed, args.only, progress)["table"]}
 
 
 def _add_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study-seed", type=int, default=1, help="seed of the draws on the test split (default: %(default)s)")
-    p.add_argument("--only", metavar="TEXT", help="measure only the designs whose name contains TEXT, e.g. 'fused'")
+    p.add_argument("--only", metavar="TEXT", help="measure only the designs whose name contains TEXT, e.g. 'vote'")
+    p.add_argument("--transfer", action="store_true",
+                   help="instead: banks from each attack family (targeted L-inf, DeepFool on fit images) and their "
+                        "combinations, tested on every family and on a black-box attack no bank saw (SquareAttack)")
 
 
 def _synthetic_bank(args, ws, progress):

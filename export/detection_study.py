@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from export.activations import ActivationLayout
+from export.evaluation import UNCHECKED_Z
 from export.pipeline import bank_dir, load_activation_set, load_prepared
 from export.workspace import Workspace
 from kernels.bank import Bank
@@ -146,11 +147,11 @@ def run_study(ws: Workspace, seed: int = 1, only: str | None = None, progress: b
         detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
         rng = np.random.default_rng(seed)
         clean = detector.detect(sets["test"], rng=rng)
-        cz = np.where(clean.checked, clean.score, np.inf)
+        cz = np.where(clean.checked, clean.score, UNCHECKED_Z)
         row: dict[str, Any] = {"clean_fpr": float(clean.is_attacked.mean()), "unchecked_clean": int((~clean.checked).sum())}
         for label, obs in attacks.items():
             v = detector.detect(obs, rng=rng)
-            az = np.where(v.checked, v.score, np.inf)
+            az = np.where(v.checked, v.score, UNCHECKED_Z)
             auc = roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az])
             row[label] = {"tpr": float(v.is_attacked.mean()), "auc": float(auc)}
         row["seconds"] = round(time.time() - t, 1)
@@ -177,3 +178,114 @@ def markdown(rows: dict[str, dict[str, Any]], attacks: list[str], sizes: dict[st
     return ("TPR at the threshold calibrated for 1% FPR on the calibration split (ROC AUC in brackets), "
             "successful attacks of the test split only; thresholds never see the test split.\n\n"
             + "\n".join(lines) + "\n")
+
+
+# --- what transfers: banks from one attack family, tested on the others --------------------------------
+
+TRANSFER_FIT_IMAGES = 600   # fit images DeepFool attacks for the DeepFool-family bank (~1 min here)
+TRANSFER_UNSEEN = ("SquareAttack:eps=0.1,max_iter=200,nb_restarts=1",)  # black-box, never in any bank
+TRANSFER_COLUMNS = ("pgd_eps0.05", "pgd_eps0.1", "pgd_eps0.3", "cw-l2", "cw-l2_conf5", "deepfool")
+
+
+def _family_sets(ws: Workspace, seed: int, progress: bool) -> tuple[Observations, dict[str, Observations]]:
+    """The DeepFool-family bank data (untargeted DeepFool on correctly classified fit images, each
+    labelled with the class it lands in) and the unseen black-box attacks on test images; both cached
+    in ``attacks/transfer/``."""
+    from export.activations import capture_activations
+    from export.attacks import merge_results, parse_attack, run_attack
+    from export.attacks import attack_defaults
+    from export.pipeline import correctly_classified, load_classifier
+
+    ds, splits, meta = load_prepared(ws)
+    model = load_classifier(ws)
+    layout = ActivationLayout.load(ws.require(ws.activations / "layout.json", "capture"))
+    cache = ws.attacks / "transfer"
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    jobs = {"deepfool_fit": ("deepfool", correctly_classified(model, ds, splits.fit), TRANSFER_FIT_IMAGES)}
+    for text in TRANSFER_UNSEEN:
+        jobs[parse_attack(text, attack_defaults(meta["dataset"])).label] = (
+            text, correctly_classified(model, ds, splits.test), 300)
+    out = {}
+    for name, (text, pool, count) in jobs.items():
+        path = cache / f"{name}.npz"
+        if not path.exists():
+            idx = np.sort(rng.choice(pool, size=min(count, len(pool)), replace=False))
+            spec = parse_attack(text, attack_defaults(meta["dataset"]))
+            r = merge_results([run_attack(spec, model, ds.x[idx], ds.y[idx], idx, len(meta["class_names"]),
+                                          seed=seed, progress=progress)])
+            ok = r["success"]
+            if ok.any():
+                acts, _, logits = capture_activations(model, r["x_adv"][ok], layout.layers, progress=False,
+                                                      return_logits=True)
+            else:  # nothing succeeded: an empty set, left out of the table
+                acts, logits = np.zeros((0, layout.num_neurons), np.float32), np.zeros((0, len(meta["class_names"])))
+            np.savez(path, acts=acts, logits=logits, x_adv=r["x_adv"][ok])
+        with np.load(path) as f:
+            out[name] = Observations(f["logits"].argmax(1), acts=f["acts"], logits=f["logits"], images=f["x_adv"])
+    return out.pop("deepfool_fit"), out
+
+
+def transfer_study(ws: Workspace, seed: int = 1, progress: bool = True) -> dict[str, Any]:
+    """Banks from each attack family and their combinations (bank families x test attacks), the
+    fused default beside them; CW-L2 and the black-box attacks are in no bank. Writes
+    ``report/transfer.{json,md}``."""
+    started = time.time()
+    deepfool_fit, unseen = _family_sets(ws, seed, progress)
+    _, _, meta = load_prepared(ws)
+    num_classes = len(meta["class_names"])
+    fit_acts, fit_meta = load_activation_set(ws, "fit_clean", mmap=False)
+    att_acts, att_meta = load_activation_set(ws, "fit_attacked", mmap=False)
+    clean = Observations(fit_meta["label"], acts=fit_acts)
+    families = {"L-inf (targeted BIM/PGD)": Observations(att_meta["label"], acts=att_acts), "DeepFool": deepfool_fit}
+    families["L-inf + DeepFool, one bank"] = Observations(
+        np.concatenate([f.labels for f in families.values()]), acts=np.concatenate([f.acts for f in families.values()]))
+
+    def vote(attacked: Observations) -> FingerprintDetector:
+        cfg = SearchConfig()
+        return FingerprintDetector(draws=RandomDraws(DEFAULT_M), method="vote").fit(clean, attacked, cfg, num_classes)
+
+    banks = {name: vote(obs) for name, obs in families.items()}
+    designs_: dict[str, Detector] = {f"vote, bank from {name}": d for name, d in banks.items()}
+    designs_["min-p(vote L-inf bank, vote DeepFool bank): two banks"] = PValueFusion(
+        {"linf": banks["L-inf (targeted BIM/PGD)"], "deepfool": banks["DeepFool"]})
+    designs_["default: min-p(vote L-inf bank, margin)"] = PValueFusion(
+        {"vote": vote(families["L-inf (targeted BIM/PGD)"]), "margin": LogitMargin()})
+    designs_["min-p(vote L-inf bank, vote DeepFool bank, margin)"] = PValueFusion(
+        {"linf": vote(families["L-inf (targeted BIM/PGD)"]), "deepfool": vote(families["DeepFool"]),
+         "margin": LogitMargin()})
+    ds, _, _ = load_prepared(ws)
+    sets = {}
+    for name in ("calibration", "test"):
+        acts, m = load_activation_set(ws, name, mmap=False)
+        sets[name] = Observations(m["predicted"], acts=acts, logits=m["logits"])
+    attacks = {}
+    for label in TRANSFER_COLUMNS:
+        if (ws.activations / f"eval_{label}.npy").exists():
+            acts, m = load_activation_set(ws, f"eval_{label}", mmap=False)
+            ok = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")["success"]
+            attacks[label] = Observations(m["predicted"][ok], acts=np.ascontiguousarray(acts[ok]),
+                                          logits=m["logits"][ok])
+    attacks.update({f"{k} (black-box)": v for k, v in unseen.items()})
+    attacks = {k: v for k, v in attacks.items() if len(v) >= 2}  # as the evaluation: 2 successes or more
+    rows = {}
+    for name, detector in designs_.items():
+        detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
+        rng = np.random.default_rng(seed)
+        v = detector.detect(sets["test"], rng=rng)
+        cz = np.where(v.checked, v.score, UNCHECKED_Z)
+        row: dict[str, Any] = {"clean_fpr": float(v.is_attacked.mean())}
+        for label, obs in attacks.items():
+            a = detector.detect(obs, rng=rng)
+            az = np.where(a.checked, a.score, UNCHECKED_Z)
+            row[label] = {"tpr": float(a.is_attacked.mean()),
+                          "auc": float(roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az]))}
+        rows[name] = row
+    table = markdown(rows, list(attacks), {k: len(v) for k, v in attacks.items()}, len(sets["test"]))
+    out = ws.root / "report"
+    out.mkdir(exist_ok=True)
+    (out / "transfer.md").write_text(f"# Bank families x test attacks\n\n{table}")
+    files = [ws.write_json(out / "transfer.json", {"fpr": FPR, "seed": seed, "designs": rows,
+                                                   "deepfool_fit_rows": len(deepfool_fit)}), out / "transfer.md"]
+    ws.record("transfer", {"seed": seed, "unseen": list(TRANSFER_UNSEEN)}, files, started)
+    return {"designs": rows, "table": table}

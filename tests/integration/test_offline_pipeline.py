@@ -131,3 +131,24 @@ def test_whitebox_command_reports_each_draw_size_and_bank_size(tiny_run, tmp_pat
     assert sorted(r["bank_size"] for r in aware) == [20, 40]
     for r in aware:
         assert r["attacked"] <= 10 and 0 <= r["random_m16"]["evaded"] <= r["misclassified"]
+
+
+def test_the_design_study_and_the_transfer_study_measure_every_design_on_every_attack(tiny_run, tmp_path):
+    """`nfp study` (--only keeps it short) and `nfp study --transfer`: every row has a realized clean FPR
+    and a TPR and AUC per attack; the transfer study adds the black-box attack no bank saw."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    assert main(["study", "--out", str(out), "--quiet", "--only", "vote"]) == 0
+    study = json.loads((out / "report" / "study.json").read_text())["designs"]
+    assert len(study) >= 3 and all("vote" in name for name in study)
+    assert main(["study", "--out", str(out), "--quiet", "--transfer"]) == 0
+    transfer = json.loads((out / "report" / "transfer.json").read_text())["designs"]
+    assert "vote, bank from DeepFool" in transfer and "default: min-p(vote L-inf bank, margin)" in transfer
+    for rows in (study, transfer):
+        for name, row in rows.items():
+            assert 0 <= row["clean_fpr"] <= 0.2, name
+            cells = [v for v in row.values() if isinstance(v, dict)]
+            assert cells and all(0 <= c["tpr"] <= 1 and 0 <= c["auc"] <= 1 for c in cells), name
+    assert any("black-box" in key for key in next(iter(transfer.values())))
