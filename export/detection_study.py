@@ -25,7 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from export.activations import ActivationLayout
 from export.evaluation import UNCHECKED_Z
-from export.pipeline import bank_dir, load_activation_set, load_prepared
+from export.pipeline import load_activation_set, load_prepared
 from export.workspace import Workspace
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels, LogitMargin, Mahalanobis, MaxSoftmax
@@ -192,8 +192,7 @@ def _family_sets(ws: Workspace, seed: int, progress: bool) -> tuple[Observations
     labelled with the class it lands in) and the unseen black-box attacks on test images; both cached
     in ``attacks/transfer/``."""
     from export.activations import capture_activations
-    from export.attacks import merge_results, parse_attack, run_attack
-    from export.attacks import attack_defaults
+    from export.attacks import attack_defaults, merge_results, parse_attack, run_attack
     from export.pipeline import correctly_classified, load_classifier
 
     ds, splits, meta = load_prepared(ws)
@@ -254,7 +253,6 @@ def transfer_study(ws: Workspace, seed: int = 1, progress: bool = True) -> dict[
     designs_["min-p(vote L-inf bank, vote DeepFool bank, margin)"] = PValueFusion(
         {"linf": vote(families["L-inf (targeted BIM/PGD)"]), "deepfool": vote(families["DeepFool"]),
          "margin": LogitMargin()})
-    ds, _, _ = load_prepared(ws)
     sets = {}
     for name in ("calibration", "test"):
         acts, m = load_activation_set(ws, name, mmap=False)
