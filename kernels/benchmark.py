@@ -2,6 +2,7 @@
 
     python -m kernels.benchmark            # the full grid
     python -m kernels.benchmark --quick    # B = 64, m = 256, k = 50 only
+    python -m kernels.benchmark --detectors  # the served detector step: the LRT alone vs the fused default
 
 For each ``B`` (images), ``m`` (fingerprints drawn per image) and ``k`` (neurons per fingerprint):
 microseconds per batch, images per second, and gathered activation values per second of the full
@@ -63,11 +64,47 @@ def best_times(fns: list[Callable[[], object]], budget_s: float = 0.6, max_repea
     return [min(t) for t in times]
 
 
+def detector_steps(neurons: int = 2280, classes: int = 1000, m: int = 128, window_s: float = 0.5) -> None:
+    """What the served detector's step costs (checked activations in, verdicts out), the LRT alone (the
+    paper's score) beside the default fusion of the vote and the logit margin, in interleaved rounds;
+    an EfficientNet-Lite0-size bank by default (1,000 classes, D = 2,280)."""
+    from kernels.baselines import LogitMargin
+    from kernels.detector import FingerprintDetector, Observations, PValueFusion, RandomDraws
+
+    rng = np.random.default_rng(0)
+    print(f"detector step, {classes} classes, D = {neurons}, m = {m}; ms per batch, best of 3 interleaved rounds")
+    for k, per_class in ((5, 1000), (1, 300)):
+        bank = synthetic_bank(classes, per_class, k, neurons)
+        cal = Observations(rng.integers(0, classes, 2000), acts=rng.normal(size=(2000, neurons)).astype(np.float32),
+                           logits=rng.normal(size=(2000, classes)))
+        lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")
+        fused = PValueFusion({"vote": FingerprintDetector(bank, RandomDraws(m), "vote"), "margin": LogitMargin()})
+        for d in (lrt, fused):
+            d.calibrate(cal, (0.01,), repeats=2)
+        for b in (1, 32, 256):
+            obs = Observations(rng.integers(0, classes, b), acts=rng.normal(size=(b, neurons)).astype(np.float32),
+                               logits=rng.normal(size=(b, classes)), validated=True)
+            best = {}
+            for name, d in (("lrt", lrt), ("fused", fused)) * 3:
+                start, n = time.perf_counter(), 0
+                while time.perf_counter() - start < window_s:
+                    d.detect(obs, rng=rng)
+                    n += 1
+                best[name] = min(best.get(name, np.inf), (time.perf_counter() - start) / n * 1e3)
+            print(f"  k={k} x{per_class}/class  B={b:>3}: LRT alone {best['lrt']:7.3f} ms   fused vote+margin "
+                  f"{best['fused']:7.3f} ms   x{best['fused'] / best['lrt']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--neurons", type=int, default=12938, help="D (default: %(default)s, the MNIST CNN's layout)")
     p.add_argument("--quick", action="store_true", help="only B=64, m=256, k=50")
+    p.add_argument("--detectors", action="store_true",
+                   help="instead: the served detector step, the LRT alone beside the fused default")
     args = p.parse_args(argv)
+    if args.detectors:
+        detector_steps()
+        return
     grid = [(64, 256, 50)] if args.quick else [(b, m, k) for k in (10, 50) for m in (64, 256, 1024) for b in (1, 64, 256)]
     rng = np.random.default_rng(0)
     gpu = gpu_available()
