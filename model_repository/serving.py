@@ -86,7 +86,6 @@ class ServedDetector:
             backend = GpuScorer(bank, device_id)
         self.detector = served_detector(bank, float(false_positive_rate), backend)
         self.bank, self.gpu = bank, backend
-        self.m = self.detector.draw_size
         bank.lrt_params  # build the scoring table now, not on the first request
         self.rng = secure_rng()
 
