@@ -7,7 +7,7 @@ with files in between; this is the short way for your own model::
 
     detector, layout = fit_detector(model, images, labels, calibration_images)
     acts, _, logits = capture_activations(model, new_images, layout.layers, return_logits=True)
-    verdicts = detector.detect(Observations(logits.argmax(1), acts=acts))
+    verdicts = detector.detect(Observations(logits.argmax(1), acts=acts, logits=logits))
 """
 from __future__ import annotations
 
@@ -20,7 +20,15 @@ from export.activations import ActivationLayout, capture_activations
 from export.attacks import AttackDefaults, attack_defaults, attack_into_classes, merge_results
 from export.models import predict
 from kernels.calibration import DEFAULT_FPRS
-from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M, FingerprintDetector, Observations, RandomDraws
+from export.pipeline import default_fusion
+from kernels.detector import (
+    DEFAULT_CALIBRATION_REPEATS,
+    DEFAULT_M,
+    FingerprintDetector,
+    Observations,
+    PValueFusion,
+    RandomDraws,
+)
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
 
@@ -29,8 +37,9 @@ def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calib
                  layers: Sequence[str] | None = None, attacks: AttackDefaults | None = None, per_class: int = 300,
                  search: SearchConfig = SearchConfig(), m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS,
                  repeats: int = DEFAULT_CALIBRATION_REPEATS, seed: int = 0, progress: bool = False
-                 ) -> tuple[FingerprintDetector, ActivationLayout]:
-    """Attack, capture, search and calibrate: a calibrated randomized fingerprint detector for ``model``.
+                 ) -> tuple[PValueFusion, ActivationLayout]:
+    """Attack, capture, search and calibrate: the served default for ``model``, randomized fingerprints
+    (their vote) fused with the logit margin (:func:`export.pipeline.default_fusion`), calibrated.
 
     Args:
         model: an ``nn.Module`` mapping ``(B, C, H, W)`` images in [0, 1] to logits.
@@ -43,7 +52,8 @@ def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calib
         m: fingerprints drawn per input; fprs: false-positive rates calibrated; repeats: independent
             draws per calibration image.
 
-    Returns the detector and the activation layout to capture new inputs with.
+    Returns the detector (its ``members["vote"].bank`` is the bank) and the activation layout to capture
+    new inputs with; it reads ``Observations.acts`` and ``.logits``.
     """
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int64)
     num_classes = int(predict(model, images[:1]).shape[1])
@@ -58,10 +68,11 @@ def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calib
         raise InvalidInputError("no targeted attack succeeded: raise the budgets (attacks.train_eps)")
     clean_acts, layout = capture_activations(model, images[right], layers, progress=progress)
     attacked_acts, _ = capture_activations(model, adv["x_adv"][ok], layout.layers, progress=progress)
-    detector = FingerprintDetector(draws=RandomDraws(m)).fit(
+    bank = FingerprintDetector(draws=RandomDraws(m)).fit(
         Observations(labels[right], acts=clean_acts), Observations(adv["target"][ok], acts=attacked_acts), search,
-        num_classes, {"layout": layout.to_json(), "search": search.to_json()}, progress)
+        num_classes, {"layout": layout.to_json(), "search": search.to_json()}, progress).bank
     cal_acts, _, cal_logits = capture_activations(model, calibration_images, layout.layers, progress=progress,
                                                   return_logits=True)
-    detector.calibrate(Observations(cal_logits.argmax(1), acts=cal_acts), fprs, repeats, seed)
+    detector = default_fusion(bank, m)
+    detector.calibrate(Observations(cal_logits.argmax(1), acts=cal_acts, logits=cal_logits), fprs, repeats, seed)
     return detector, layout

@@ -13,8 +13,8 @@ def test_the_readme_api_example_runs_as_written():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, str(README), "exec"), {"__name__": "readme"})
-    fingerprints, gray = printed.getvalue().strip().splitlines()
-    caught = int(re.search(r"flag (\d+)% of (\d+) successful", fingerprints).group(1))
-    assert int(re.search(r"of (\d+) successful", fingerprints).group(1)) > 10
-    assert caught >= 50, fingerprints  # FGSM at eps 0.2 on MNIST is not subtle
+    detector, gray = printed.getvalue().strip().splitlines()
+    caught = int(re.search(r"flags (\d+)% of (\d+) successful", detector).group(1))
+    assert int(re.search(r"of (\d+) successful", detector).group(1)) > 10
+    assert caught >= 50, detector  # FGSM at eps 0.2 on MNIST is not subtle
     assert re.fullmatch(r"gray pixels flag \d+%", gray)
