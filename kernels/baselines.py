@@ -43,8 +43,11 @@ class LogitMargin(Detector):
     name = "margin"
 
     def raw_scores(self, obs: Observations, rng=None):
-        z = np.partition(np.asarray(obs.need("logits", self.name), np.float64), -2, axis=1)
-        return z[:, -1] - z[:, -2], *_nothing_drawn(len(z))
+        z = np.asarray(obs.need("logits", self.name))
+        rows, top = np.arange(len(z)), z.argmax(axis=1)
+        rest = z.copy()
+        rest[rows, top] = -np.inf  # two max passes: several times faster than a sort or partition
+        return z[rows, top].astype(np.float64) - rest.max(axis=1), *_nothing_drawn(len(z))
 
 
 class MaxSoftmax(Detector):

@@ -256,7 +256,10 @@ class FingerprintDetector(Detector):
 
     def _set_bank(self, bank: Bank) -> None:
         self.bank, self.num_classes = bank, bank.num_classes if self.per_class else 1
-        self.backend = self.backend or NumpyScorer(bank)
+        if self.backend is None or isinstance(self.backend, NumpyScorer):
+            self.backend = NumpyScorer(bank)
+        elif self.backend.bank is not bank:  # a GPU scorer holds its bank's arrays on the device
+            raise InvalidInputError("the backend scores another bank: give a GpuScorer of this detector's bank")
 
     @classmethod
     def from_bank(cls, bank: Bank, method: str = "lrt", fpr: float | None = None, backend=None) -> "FingerprintDetector":
@@ -278,7 +281,6 @@ class FingerprintDetector(Detector):
         num_classes = num_classes or int(max(clean.labels.max(), attacked.labels.max())) + 1
         per_class = search_fingerprints(np.asarray(c), clean.labels, np.asarray(a), attacked.labels, num_classes,
                                         config or SearchConfig(), progress)
-        self.backend = None if isinstance(self.backend, NumpyScorer) else self.backend
         self._set_bank(Bank.from_fingerprints(per_class, c.shape[1], meta))
         self.calibration = None
         return self
