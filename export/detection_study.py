@@ -126,36 +126,12 @@ def run_study(ws: Workspace, seed: int = 1, only: str | None = None, progress: b
     from tqdm.auto import tqdm
 
     started = time.time()
-    ds, _, _ = load_prepared(ws)
-    sets = {}
-    for name in ("calibration", "test"):
-        acts, meta = load_activation_set(ws, name, mmap=False)
-        sets[name] = Observations(meta["predicted"], acts=acts, logits=meta["logits"], images=ds.x[meta["source"]])
-    attacks = {}
-    for label in ws.read_json(ws.attacks / "summary.json", "attack")["eval"]:
-        acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
-        ok = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")["success"]
-        x_adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")["x_adv"]
-        if ok.sum() >= 2:
-            attacks[label] = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]),
-                                          logits=meta["logits"][ok], images=x_adv[ok])
+    sets, attacks = evaluation_sets(ws, ws.read_json(ws.attacks / "summary.json", "attack")["eval"])
     rows: dict[str, dict[str, Any]] = {}
     chosen = {k: v for k, v in designs(ws).items() if only is None or only in k}
     for name, build in tqdm(chosen.items(), desc="study", unit="design", disable=not progress):
         t = time.time()
-        detector = build()
-        detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
-        rng = np.random.default_rng(seed)
-        clean = detector.detect(sets["test"], rng=rng)
-        cz = np.where(clean.checked, clean.score, UNCHECKED_Z)
-        row: dict[str, Any] = {"clean_fpr": float(clean.is_attacked.mean()), "unchecked_clean": int((~clean.checked).sum())}
-        for label, obs in attacks.items():
-            v = detector.detect(obs, rng=rng)
-            az = np.where(v.checked, v.score, UNCHECKED_Z)
-            auc = roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az])
-            row[label] = {"tpr": float(v.is_attacked.mean()), "auc": float(auc)}
-        row["seconds"] = round(time.time() - t, 1)
-        rows[name] = row
+        rows[name] = {**measure(build(), sets, attacks, seed), "seconds": round(time.time() - t, 1)}
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     table = markdown(rows, list(attacks), {k: len(v) for k, v in attacks.items()}, len(sets["test"]))
@@ -163,6 +139,44 @@ def run_study(ws: Workspace, seed: int = 1, only: str | None = None, progress: b
     files = [ws.write_json(out / "study.json", {"fpr": FPR, "seed": seed, "designs": rows}), out / "study.md"]
     ws.record("study", {"seed": seed}, files, started)
     return {"designs": rows, "table": table}
+
+
+def evaluation_sets(ws: Workspace, labels) -> tuple[dict[str, Observations], dict[str, Observations]]:
+    """The calibration and test splits, and the successful rows (2 or more) of each evaluation attack
+    of ``labels`` that the run has."""
+    ds, _, _ = load_prepared(ws)
+    sets = {}
+    for name in ("calibration", "test"):
+        acts, meta = load_activation_set(ws, name, mmap=False)
+        sets[name] = Observations(meta["predicted"], acts=acts, logits=meta["logits"], images=ds.x[meta["source"]])
+    attacks = {}
+    for label in labels:
+        if not (ws.activations / f"eval_{label}.npy").exists():
+            continue
+        acts, meta = load_activation_set(ws, f"eval_{label}", mmap=False)
+        adv = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")
+        ok = adv["success"]
+        if ok.sum() >= 2:
+            attacks[label] = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]),
+                                          logits=meta["logits"][ok], images=adv["x_adv"][ok])
+    return sets, attacks
+
+
+def measure(detector: Detector, sets: dict[str, Observations], attacks: dict[str, Observations],
+            seed: int) -> dict[str, Any]:
+    """Calibrate ``detector`` at :data:`FPR` on the calibration split; its realized FPR on the test split
+    and TPR and AUC on each attack (unchecked rows count as misses)."""
+    detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
+    rng = np.random.default_rng(seed)
+    clean = detector.detect(sets["test"], rng=rng)
+    cz = np.where(clean.checked, clean.score, UNCHECKED_Z)
+    row: dict[str, Any] = {"clean_fpr": float(clean.is_attacked.mean()), "unchecked_clean": int((~clean.checked).sum())}
+    for label, obs in attacks.items():
+        v = detector.detect(obs, rng=rng)
+        az = np.where(v.checked, v.score, UNCHECKED_Z)
+        row[label] = {"tpr": float(v.is_attacked.mean()),
+                      "auc": float(roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az]))}
+    return row
 
 
 def markdown(rows: dict[str, dict[str, Any]], attacks: list[str], sizes: dict[str, int], n_clean: int) -> str:
@@ -240,45 +254,19 @@ def transfer_study(ws: Workspace, seed: int = 1, progress: bool = True) -> dict[
     families["L-inf + DeepFool, one bank"] = Observations(
         np.concatenate([f.labels for f in families.values()]), acts=np.concatenate([f.acts for f in families.values()]))
 
-    def vote(attacked: Observations) -> FingerprintDetector:
-        cfg = SearchConfig()
-        return FingerprintDetector(draws=RandomDraws(DEFAULT_M), method="vote").fit(clean, attacked, cfg, num_classes)
-
-    banks = {name: vote(obs) for name, obs in families.items()}
-    designs_: dict[str, Detector] = {f"vote, bank from {name}": d for name, d in banks.items()}
+    banks = {name: FingerprintDetector(draws=RandomDraws(DEFAULT_M)).fit(clean, obs, SearchConfig(), num_classes).bank
+             for name, obs in families.items()}
+    vote = lambda family: FingerprintDetector(banks[family], RandomDraws(DEFAULT_M), "vote")  # noqa: E731
+    linf = "L-inf (targeted BIM/PGD)"
+    designs_: dict[str, Detector] = {f"vote, bank from {name}": vote(name) for name in banks}
     designs_["min-p(vote L-inf bank, vote DeepFool bank): two banks"] = PValueFusion(
-        {"linf": banks["L-inf (targeted BIM/PGD)"], "deepfool": banks["DeepFool"]})
-    designs_["default: min-p(vote L-inf bank, margin)"] = PValueFusion(
-        {"vote": vote(families["L-inf (targeted BIM/PGD)"]), "margin": LogitMargin()})
+        {"linf": vote(linf), "deepfool": vote("DeepFool")})
+    designs_["default: min-p(vote L-inf bank, margin)"] = PValueFusion({"vote": vote(linf), "margin": LogitMargin()})
     designs_["min-p(vote L-inf bank, vote DeepFool bank, margin)"] = PValueFusion(
-        {"linf": vote(families["L-inf (targeted BIM/PGD)"]), "deepfool": vote(families["DeepFool"]),
-         "margin": LogitMargin()})
-    sets = {}
-    for name in ("calibration", "test"):
-        acts, m = load_activation_set(ws, name, mmap=False)
-        sets[name] = Observations(m["predicted"], acts=acts, logits=m["logits"])
-    attacks = {}
-    for label in TRANSFER_COLUMNS:
-        if (ws.activations / f"eval_{label}.npy").exists():
-            acts, m = load_activation_set(ws, f"eval_{label}", mmap=False)
-            ok = ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")["success"]
-            attacks[label] = Observations(m["predicted"][ok], acts=np.ascontiguousarray(acts[ok]),
-                                          logits=m["logits"][ok])
-    attacks.update({f"{k} (black-box)": v for k, v in unseen.items()})
-    attacks = {k: v for k, v in attacks.items() if len(v) >= 2}  # as the evaluation: 2 successes or more
-    rows = {}
-    for name, detector in designs_.items():
-        detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
-        rng = np.random.default_rng(seed)
-        v = detector.detect(sets["test"], rng=rng)
-        cz = np.where(v.checked, v.score, UNCHECKED_Z)
-        row: dict[str, Any] = {"clean_fpr": float(v.is_attacked.mean())}
-        for label, obs in attacks.items():
-            a = detector.detect(obs, rng=rng)
-            az = np.where(a.checked, a.score, UNCHECKED_Z)
-            row[label] = {"tpr": float(a.is_attacked.mean()),
-                          "auc": float(roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az]))}
-        rows[name] = row
+        {"linf": vote(linf), "deepfool": vote("DeepFool"), "margin": LogitMargin()})
+    sets, attacks = evaluation_sets(ws, TRANSFER_COLUMNS)
+    attacks.update({f"{k} (black-box)": v for k, v in unseen.items() if len(v) >= 2})
+    rows = {name: measure(detector, sets, attacks, seed) for name, detector in designs_.items()}
     table = markdown(rows, list(attacks), {k: len(v) for k, v in attacks.items()}, len(sets["test"]))
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
