@@ -213,8 +213,8 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
                      ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")) for label in summary["eval"]}
     steps = tqdm(total=len(banks) * len(m_values), desc="whitebox filter", unit="setting", disable=not progress)
     mismatches = 0
-    for bank in banks:
-        static = static_detector(bank, cal_obs, cfg.fpr)
+    statics = [static_detector(bank, cal_obs, cfg.fpr) for bank in banks]
+    for bank, static in zip(banks, statics):
         for m in m_values:
             steps.update()
             if client is None:
@@ -239,7 +239,7 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
     if cfg.adaptive_eps:
         from export.whitebox_report import adaptive_table
 
-        results["adaptive"] = adaptive(ws, banks, cfg, m_values, client, progress)
+        results["adaptive"] = adaptive(ws, banks, statics, cfg, m_values, client, progress)
         table += "\n## Detector-aware PGD\n\n" + adaptive_table(results["adaptive"])
     if client is not None:
         results["server"]["label_mismatches"] = mismatches
@@ -256,11 +256,12 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
     return results
 
 
-def adaptive(ws, banks: list[Bank], cfg: WhiteboxConfig, m_values: list[int], client=None,
-             progress: bool = False) -> list[dict[str, Any]]:
+def adaptive(ws, banks: list[Bank], statics: list[FingerprintDetector], cfg: WhiteboxConfig, m_values: list[int],
+             client=None, progress: bool = False) -> list[dict[str, Any]]:
     """Strategy 2: detector-aware PGD (weight > 0) against each bank, beside plain PGD (weight 0), on
-    ``adaptive_count`` correctly classified test images; scored against the static detector of the bank
-    and randomized servers (replayed offline for each ``m``, or the running server behind ``client``)."""
+    ``adaptive_count`` correctly classified test images; scored against each bank's static detector
+    (``statics``, calibrated by :func:`whitebox`) and randomized servers (replayed offline for each
+    ``m``, or the running server behind ``client``)."""
     from tqdm.auto import tqdm
 
     from export.activations import ActivationLayout, capture_activations
@@ -274,16 +275,19 @@ def adaptive(ws, banks: list[Bank], cfg: WhiteboxConfig, m_values: list[int], cl
     x, y = ds.x[test], ds.y[test]
     cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
     cal_obs = Observations(cal_meta["predicted"], acts=cal_acts)
+    per_bank: list[dict[str, Detector]] = []  # calibrated once, used at every eps
+    for bank, static in zip(banks, statics):
+        detectors: dict[str, Detector] = {"static": static}
+        if client:
+            detectors["server"] = ServedOverGrpc(client, m_values[0])
+        for m in ([] if client else m_values):
+            detectors[f"random_m{m}"] = FingerprintDetector(bank, RandomDraws(m))
+            detectors[f"random_m{m}"].calibrate(cal_obs, (cfg.fpr,), DEFAULT_CALIBRATION_REPEATS, cfg.seed)
+        per_bank.append(detectors)
     results: list[dict[str, Any]] = []
     for eps in tqdm(cfg.adaptive_eps, desc="detector-aware PGD", unit="eps", disable=not progress):
         plain = detector_aware_pgd(model, layout, banks[0], x, y, PGDConfig(eps, weight=0.0, seed=cfg.seed))
-        for bank in banks:
-            detectors: dict[str, Detector] = {"static": static_detector(bank, cal_obs, cfg.fpr)}
-            if client:
-                detectors["server"] = ServedOverGrpc(client, m_values[0])
-            for m in ([] if client else m_values):
-                detectors[f"random_m{m}"] = FingerprintDetector(bank, RandomDraws(m))
-                detectors[f"random_m{m}"].calibrate(cal_obs, (cfg.fpr,), DEFAULT_CALIBRATION_REPEATS, cfg.seed)
+        for bank, detectors in zip(banks, per_bank):
             for w in (0.0, cfg.adaptive_weight):
                 x_adv = plain if w == 0 else detector_aware_pgd(model, layout, bank, x, y,
                                                                  PGDConfig(eps, weight=w, seed=cfg.seed))
