@@ -23,7 +23,6 @@ from export.attacks import (
     run_attack,
 )
 from export.datasets import DEFAULT_SPLIT_FRACTIONS, Dataset, Splits, load_dataset, split_dataset
-from kernels.fingerprint_search import SearchConfig, search_fingerprints
 from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, predict, save_checkpoint
 from export.training import TrainingConfig, train_classifier
 from export.workspace import Workspace
@@ -41,6 +40,7 @@ from kernels.detector import (
     served_detector,
 )
 from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.fingerprint_search import SearchConfig, search_fingerprints
 from kernels.scoring import covered
 
 DEFAULT_TRAIN_PER_CLASS = 300   # attacked images pushed into each focal class
@@ -300,10 +300,9 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
         name: member.calibration.to_json() for name, member in fused.members.items()}, "fused": fused.to_json()},
         draws_per_input=m)
     files = list(bank.save(bank_dir(ws)))
-    lrt = lrt.calibration
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
-              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.thresholds.items()}})
-    checked = int(lrt.counts.sum())
+              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.calibration.thresholds.items()}})
+    checked = int(lrt.calibration.counts.sum())
     return {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats}
 
 
