@@ -128,7 +128,8 @@ def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, str]]:
 def recorded(model: nn.Module, layers: Sequence[tuple[str, str]]) -> Iterator[dict[int, torch.Tensor]]:
     """Inside the ``with`` block, every forward pass of ``model`` stores each ``(module name, "output" |
     "input")`` value under its position in ``layers``, cloned so that a later in-place op (a ReLU)
-    cannot change it. Shared by :func:`capture_activations` and the ONNX export's wrapper."""
+    cannot change it, and still in the autograd graph (the white-box attack differentiates through
+    it). Shared by :func:`capture_activations` and the ONNX export's wrapper."""
     modules = dict(model.named_modules())
     captured: dict[int, torch.Tensor] = {}
 
@@ -137,7 +138,7 @@ def recorded(model: nn.Module, layers: Sequence[tuple[str, str]]) -> Iterator[di
             t = output if where == "output" else inputs[0]
             if not isinstance(t, torch.Tensor):
                 raise InvalidInputError(f"layer {name!r} {where} is a {type(t).__name__}, not a tensor")
-            captured[i] = t.detach().float().clone()
+            captured[i] = t.float().clone()
         return fn
 
     handles = [modules[name].register_forward_hook(hook(i, name, where)) for i, (name, where) in enumerate(layers)]

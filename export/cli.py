@@ -166,19 +166,23 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
+    from export.defences import DEFENCES
+
     p.add_argument("--fpr", type=float, default=0.01,
                    help="operating false-positive rate; with --url the server's own (default: %(default)s)")
     p.add_argument("--whitebox-seed", type=int, default=2,
-                   help="seed of the local draws, the server replay and the attacks' random starts (default: %(default)s)")
-    p.add_argument("--m-values", type=int, nargs="+",
-                   help="fingerprints the server draws per request, one experiment each (default: the bank's m)")
-    p.add_argument("--adaptive-eps", type=float, nargs="*", default=[],
-                   help="also run the detector-aware PGD (strategy 2) at these L-inf budgets")
-    p.add_argument("--adaptive-count", type=int, default=100, help="test images it attacks (default: %(default)s)")
-    p.add_argument("--adaptive-weight", type=float, default=1.0,
-                   help="weight of the expected likelihood-ratio term in its loss (default: %(default)s)")
-    p.add_argument("--bank-sizes", type=int, nargs="+",
-                   help="repeat for banks of each class's N strongest fingerprints (default: the whole bank)")
+                   help="seed of the server replay's draws, the attacks' random starts and the defences' "
+                        "calibration (default: %(default)s)")
+    p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
+                   help="L-inf budgets of the detector-aware EOT PGD (default: %(default)s)")
+    p.add_argument("--count", type=int, default=200,
+                   help="correctly classified test images attacked (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="PGD steps per attack configuration (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=20,
+                   help="requests per attacked image, each with fresh server draws (default: %(default)s)")
+    p.add_argument("--defences", nargs="+", default=["default"], choices=list(DEFENCES), metavar="NAME",
+                   help="server detectors to attack: " + "; ".join(f"{k}: {v}" for k, v in DEFENCES.items())
+                        + " (default: %(default)s)")
     p.add_argument("--url", help="attack a running Triton server at host:port (gRPC) instead of replaying it "
                                  "offline; m, bank and FPR are then the server's")
     p.add_argument("--model", default="guarded_classifier",
@@ -262,8 +266,8 @@ def _export(args, ws, progress):
 def _whitebox(args, ws, progress):
     from export.whitebox import WhiteboxConfig, whitebox
 
-    cfg = WhiteboxConfig(args.fpr, args.whitebox_seed, tuple(args.m_values or ()), tuple(args.bank_sizes or ()),
-                         tuple(args.adaptive_eps), args.adaptive_count, args.adaptive_weight, args.url, args.model)
+    cfg = WhiteboxConfig(args.fpr, args.whitebox_seed, tuple(args.eps), args.count, args.steps, args.draws,
+                         tuple(args.defences), args.url, args.model)
     return {"table": whitebox(ws, cfg, progress)["table"]}
 
 
@@ -325,8 +329,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
     "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                [_add_out, _add_export], _export),
     "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_out, _add_quiet, _add_serve], None),
-    "whitebox": ("the white-box attacker: what the server's random draws catch among images that passed a "
-                 "local detector (filter), and detector-aware PGD; offline or against a running server",
+    "whitebox": ("the white-box attacker with a local copy: detector-aware PGD through the expectation over "
+                 "the server's draws, and the filter strategy, against each defence; offline or against a "
+                 "running server",
                  [_add_out, _add_quiet, _add_whitebox], _whitebox),
     "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
                 [_add_predict], None),

@@ -1,25 +1,21 @@
-"""The white-box attacker with a local copy: what per-request random draws buy.
+"""The white-box attacker with a local copy: what per-request random draws, a secret bank and hardened
+banks buy (``nfp whitebox``).
 
-Threat model (Fisher, Shahar & Resheff, 2024, Sec. 5): the attacker has the classifier's weights, the
-whole bank, the threshold and this code, but not the server's random draws. Strategy 1, *filter*: make
-many attacked images, score each with a local detector, and send only those that pass it. Local
-detectors (each a :class:`kernels.detector.Detector`):
+Threat model (Fisher, Shahar & Resheff, 2024, Sec. 5, made stronger): the attacker has the classifier's
+weights, this code, the data and, unless the defence keeps it secret, the bank and the thresholds; it
+never sees the server's random draws. It attacks held-out test images (never used to build, calibrate
+or harden anything) with the detector-aware PGD of :mod:`export.adaptive_attack`, which optimizes the
+expectation over the draws (EOT), at each L-inf budget. Two strategies are scored against the server:
 
-- ``static``: every fingerprint of the predicted class (:class:`~kernels.detector.AllFingerprints`,
-  one fixed detector, its own threshold calibrated on the clean calibration split at the same rate);
-- ``random``: one local random draw of ``m`` fingerprints, as the server does, with the server's
-  calibration.
+- *EOT PGD*: every attacked image is sent; evasion = misclassified and not flagged, per request
+  (averaged over ``draws`` requests of each image, each with fresh draws) and in every one of them;
+- *filter*: of all the candidates the attack produced (every configuration's result), the attacker
+  sends per image the one its local copy rates best, and only if its local copy's expected decision
+  lets it pass; evasion = the share of sent images the server does not flag.
 
-The figure that matters: of the images that passed the local detector, the fraction the server's own
-random draws (fresh for every request) still flag. The static detector lets 100% of its own
-survivors through by construction; a randomized server helps only insofar as its draws disagree with
-the local one. Strategy 2, *detector-aware optimisation* (:mod:`export.adaptive_attack`), is scored by
-:func:`adaptive_experiment`.
-
-The server is a detector too: replayed offline (the kernels' own :class:`~kernels.detector.FingerprintDetector`
-with fresh draws per image) or a running Triton server called over gRPC (:class:`ServedOverGrpc`).
-:func:`whitebox` runs the whole experiment on a pipeline output folder; :mod:`export.whitebox_report`
-writes its tables and plot.
+The server is a detector of the one contract: a :class:`export.defences.Defence`'s detector replayed
+offline with fresh draws per request, or a running Triton server called over gRPC
+(:class:`ServedOverGrpc`). :func:`whitebox` runs it all; :mod:`export.whitebox_report` writes the table and plot.
 """
 from __future__ import annotations
 
@@ -30,15 +26,7 @@ from typing import Any
 import numpy as np
 
 from kernels.bank import Bank
-from kernels.detector import (
-    DEFAULT_CALIBRATION_REPEATS,
-    AllFingerprints,
-    Detector,
-    FingerprintDetector,
-    Observations,
-    RandomDraws,
-    Verdicts,
-)
+from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import FingerprintError, ModelMismatchError
 
 
@@ -50,13 +38,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return (float(centre - half), float(centre + half))
-
-
-def static_detector(bank: Bank, clean: Observations, fpr: float) -> FingerprintDetector:
-    """The attacker's static local copy, calibrated for ``fpr`` on clean calibration observations."""
-    detector = FingerprintDetector(bank, AllFingerprints())
-    detector.calibrate(clean, (fpr,))
-    return detector
 
 
 class ServedOverGrpc(Detector):
@@ -94,209 +75,151 @@ class ServedOverGrpc(Detector):
         return Verdicts(*(np.concatenate(a) for a in zip(*parts)))
 
 
-def filter_experiment(local: dict[str, Detector], server: Detector, attacked: Observations,
-                      seed: int = 0) -> dict[str, Any]:
-    """Filter strategy against one set of successful attacked images: for each local detector, the
-    images it lets pass are sent to ``server`` (which draws anew per request).
-
-    Returns, per local detector, how many images passed it and how many of those the server still
-    flags (with a 95% Wilson interval of the evasion rate = passed the server too).
-    """
-    rng = np.random.default_rng(seed)
-    out: dict[str, Any] = {"attacked": len(attacked)}
-    for name, detector in local.items():
-        rows = np.flatnonzero(~detector.detect(attacked, rng=rng).is_attacked)
-        flagged = server.detect(attacked.take(rows), rng=rng).is_attacked if len(rows) else np.zeros(0, bool)
-        evaded = int((~flagged).sum())
-        out[name] = {"passed_local": int(len(rows)), "flagged_by_server": int(flagged.sum()), "evaded_server": evaded,
-                     "evasion_rate": evaded / len(rows) if len(rows) else None, "evasion_ci95": wilson(evaded, len(rows))}
-    return out
-
-
-def adaptive_experiment(detectors: dict[str, Detector], attacked: Observations, true_labels: np.ndarray,
-                        seed: int = 0) -> dict[str, Any]:
-    """Evasion rates of detector-aware attacks (strategy 2): misclassified and not flagged, against
-    each detector (the static local copy, randomized servers)."""
-    rng = np.random.default_rng(seed)
-    wrong = attacked.labels != true_labels
-    n = len(attacked)
-    out: dict[str, Any] = {"attacked": n, "misclassified": int(wrong.sum())}
-    for name, detector in detectors.items():
-        evaded = int((wrong & ~detector.detect(attacked, rng=rng).is_attacked).sum())
-        out[name] = {"evaded": evaded, "evasion_rate": evaded / n if n else 0.0, "evasion_ci95": wilson(evaded, n)}
-    return out
-
-
-def pooled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Filter-strategy rows pooled over attacks, per (bank size, m, local detector): of all attacked
-    images that passed the local detector, how many the server still flagged."""
-    out: dict[tuple, dict[str, Any]] = {}
-    for r in rows:
-        for local in ("static", "random"):
-            key = (r["bank_size"], r["m"], local)
-            p = out.setdefault(key, {"bank_size": key[0], "m": key[1], "local": local, "attacked": 0, "passed_local": 0,
-                                     "flagged_by_server": 0, "evaded_server": 0})
-            p["attacked"] += r["attacked"]
-            for name in ("passed_local", "flagged_by_server", "evaded_server"):
-                p[name] += r[local][name]
-    for p in out.values():
-        n = p["passed_local"]
-        p["evasion_rate"] = p["evaded_server"] / n if n else None
-        p["evasion_ci95"] = wilson(p["evaded_server"], n)
-    return list(out.values())
-
-
 @dataclass(frozen=True)
 class WhiteboxConfig:
     """Settings of :func:`whitebox`.
 
     Attributes:
         fpr: operating false-positive rate (against a running server: the server's own).
-        seed: seed of the local draws, the server replay and the attacks' random starts.
-        m_values: fingerprints the replayed server draws per input, one experiment each (default: the
-            bank's calibrated ``m``).
-        bank_sizes: repeat for banks of each class's N strongest fingerprints (default: the whole bank).
-        adaptive_eps: also run the detector-aware PGD at these L-inf budgets.
-        adaptive_count: test images the detector-aware PGD attacks.
-        adaptive_weight: weight of the expected likelihood-ratio term in its loss.
-        url: attack a running Triton server at host:port (gRPC) instead of replaying it offline.
+        seed: seed of the server replay's draws, the attacks' random starts and the defences' calibration.
+        eps: the L-inf budgets attacked.
+        count: correctly classified test images attacked.
+        steps: PGD steps per attack configuration.
+        draws: requests per attacked image (fresh server draws each).
+        defences: names of :data:`export.defences.DEFENCES`.
+        url: attack a running Triton server at host:port (gRPC) instead of replaying it offline (then
+            the defence is the served bank, ``default``).
         model: the served model to attack at ``url``.
     """
 
     fpr: float = 0.01
     seed: int = 2
-    m_values: tuple[int, ...] = ()
-    bank_sizes: tuple[int, ...] = ()
-    adaptive_eps: tuple[float, ...] = ()
-    adaptive_count: int = 100
-    adaptive_weight: float = 1.0
+    eps: tuple[float, ...] = (0.1, 0.2, 0.3)
+    count: int = 200
+    steps: int = 200
+    draws: int = 20
+    defences: tuple[str, ...] = ("default",)
     url: str | None = None
     model: str = "guarded_classifier"
 
 
-def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) -> dict[str, Any]:
-    """The white-box experiment on the pipeline output folder ``ws``; writes ``report/whitebox.{json,md,png}``
-    (``report/whitebox_served.*`` against a running server).
+def bootstrap_mean(values: np.ndarray, seed: int, resamples: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of per-image ``values``."""
+    if len(values) == 0:
+        return (0.0, 1.0)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
-    Filter strategy against every evaluation attack and, with ``adaptive_eps``, the detector-aware
-    PGD, for each bank size and each ``m``. The server is replayed offline, calibrated for ``fpr`` at
-    each setting, unless ``url`` names a running Triton server: then the images are sent to its
-    ``model`` over gRPC and its verdicts count, at its own bank, ``m`` and false-positive rate.
-    """
+
+def request_evasion(server: Detector, obs: Observations, true_labels: np.ndarray, draws: int,
+                    rng: np.random.Generator) -> np.ndarray:
+    """``(N,)`` per image, the share of ``draws`` requests in which it is misclassified and not flagged."""
+    wrong = obs.labels != true_labels
+    passed = np.mean([~server.detect(obs, rng=rng).is_attacked for _ in range(draws)], axis=0)
+    return wrong * passed
+
+
+def score_attack(server: Detector, copy, result, model, layout, y: np.ndarray, cfg: WhiteboxConfig,
+                 rng: np.random.Generator) -> dict[str, Any]:
+    """Both strategies' figures for one attack run (:class:`export.adaptive_attack.AttackResult`)."""
+    import torch
+
+    from export.activations import capture_activations
+
+    def observe(images: np.ndarray) -> Observations:
+        acts, _, logits = capture_activations(model, images, layout.layers, progress=False, return_logits=True)
+        return Observations(logits.argmax(1), acts=acts, images=images, logits=logits)
+
+    n = len(y)
+    kept = observe(result.x_adv)
+    per_image = request_evasion(server, kept, y, cfg.draws, rng)
+    always = int((per_image == 1).sum())
+    # filter: per image the best-rated candidate of every configuration's result, sent if it passes locally
+    ratings, candidates = [], []
+    for images in [result.x_adv, *result.pool]:
+        obs = observe(images)
+        with torch.no_grad():
+            ratings.append(copy.rating(torch.from_numpy(obs.logits), torch.from_numpy(obs.acts),
+                                       torch.from_numpy(np.asarray(y, np.int64))).numpy())
+        candidates.append(obs)
+    ratings = np.stack(ratings)
+    best = ratings.argmax(0)
+    sent = np.flatnonzero(ratings[best, np.arange(n)] > 0)
+    chosen = Observations(*(np.stack([getattr(candidates[best[i]], f)[i] for i in sent]) if len(sent) else None
+                            for f in ("labels", "acts", "images", "logits")))
+    filtered = request_evasion(server, chosen, y[sent], cfg.draws, rng) if len(sent) else np.zeros(0)
+    plain = observe(result.pool[0]) if result.plain else None
+    return {"attacked": n, "misclassified": int((kept.labels != y).sum()),
+            "robust_accuracy": None if plain is None else float((plain.labels == y).mean()),
+            "plain_pgd_evasion": None if plain is None else float(request_evasion(server, plain, y, cfg.draws, rng).mean()),
+            "eot_evasion": float(per_image.mean()), "eot_ci95": bootstrap_mean(per_image, cfg.seed),
+            "eot_all_draws": always, "eot_all_draws_ci95": wilson(always, n),
+            "filter_sent": int(len(sent)), "filter_evasion": float(filtered.mean()) if len(sent) else None,
+            "filter_ci95": bootstrap_mean(filtered, cfg.seed),
+            "configurations_kept": np.bincount(result.configuration + 1, minlength=len(result.pool) + 1)[1:].tolist()}
+
+
+def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) -> dict[str, Any]:
+    """The white-box experiment on the pipeline output folder ``ws``: every defence of ``cfg`` at every
+    eps; writes ``report/whitebox.{json,md,png}`` (``report/whitebox_served.*`` against a running server)."""
     from tqdm.auto import tqdm
 
-    from export.pipeline import bank_dir, load_activation_set
-    from export.whitebox_report import filter_tables, plot_evasion
+    from export.activations import ActivationLayout
+    from export.adaptive_attack import EOTConfig, ExpectedDetector, eot_pgd
+    from export.defences import DEFENCES, Defence, build
+    from export.pipeline import bank_dir, correctly_classified, load_activation_set, load_classifier, load_prepared
+    from export.whitebox_report import plot_evasion, whitebox_table
 
     started = time.time()
-    full = Bank.load(bank_dir(ws))
-    summary = ws.read_json(ws.attacks / "summary.json", "attack")
-    served_m = FingerprintDetector.from_bank(full).draws.m
+    stored = Bank.load(bank_dir(ws))
     client = None
     if cfg.url:
         from client.grpc_client import DetectorClient
 
         client = DetectorClient(cfg.url, cfg.model)
         params = client.detector_parameters()
-        if params.get("model_sha256") != full.meta.get("model_sha256"):
+        if params.get("model_sha256") != stored.meta.get("model_sha256"):
             raise ModelMismatchError(f"the server at {cfg.url} serves model sha256 {params.get('model_sha256')}, the "
-                                     f"bank in {ws.root} belongs to {full.meta.get('model_sha256')}: attack the served model")
-        cfg = WhiteboxConfig(**{**asdict(cfg), "fpr": float(params["false_positive_rate"]), "bank_sizes": (),
-                                "m_values": ()})
-    m_values = list(cfg.m_values or [served_m])
-    banks = [full.strongest(n) for n in cfg.bank_sizes] if cfg.bank_sizes else [full]
-    results: dict[str, Any] = {"fpr": cfg.fpr, "server": {"url": cfg.url, "model": cfg.model} if cfg.url
-                               else "offline replay", "filter": []}
-    calibration, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    cal_obs = Observations(cal_meta["predicted"], acts=calibration)
-    evals = {label: (*load_activation_set(ws, f"eval_{label}"),  # memory-mapped: rows are copied when used
-                     ws.load_npz(ws.attacks / "eval" / f"{label}.npz", "attack")) for label in summary["eval"]}
-    steps = tqdm(total=len(banks) * len(m_values), desc="whitebox filter", unit="setting", disable=not progress)
-    mismatches = 0
-    statics = [static_detector(bank, cal_obs, cfg.fpr) for bank in banks]
-    for bank, static in zip(banks, statics):
-        for m in m_values:
-            steps.update()
-            if client is None:
-                local = FingerprintDetector(bank, RandomDraws(m))
-                local.calibrate(cal_obs, (cfg.fpr,), DEFAULT_CALIBRATION_REPEATS, cfg.seed)
-            else:  # the attacker knows the served thresholds: those stored with the bank
-                local = FingerprintDetector.from_bank(bank, fpr=cfg.fpr)
-            server = ServedOverGrpc(client, m) if client else local  # offline: the same detector, fresh draws
-            for label, (acts, meta, adv) in evals.items():
-                ok = adv["success"] & local.draws.covers(meta["predicted"], bank)
-                if not ok.any():
-                    continue
-                attacked = Observations(meta["predicted"][ok], acts=np.ascontiguousarray(acts[ok]),
-                                        images=adv["x_adv"][ok])
-                r = filter_experiment({"static": static, "random": local}, server, attacked, cfg.seed)
-                results["filter"].append({"bank_size": int(bank.counts.max()), "m": m, "attack": label, **r})
-            mismatches += getattr(server, "label_mismatches", 0)
-    steps.close()
-    results["filter_pooled"] = pooled(results["filter"])
-    where = f"the Triton server at {cfg.url} ({cfg.model})" if cfg.url else "the server, replayed offline"
-    table = f"Server: {where}; thresholds for {cfg.fpr:.0%} FPR.\n\n" + filter_tables(results)
-    if cfg.adaptive_eps:
-        from export.whitebox_report import adaptive_table
-
-        results["adaptive"] = adaptive(ws, banks, statics, cfg, m_values, client, progress)
-        table += "\n## Detector-aware PGD\n\n" + adaptive_table(results["adaptive"])
+                                     f"bank in {ws.root} belongs to {stored.meta.get('model_sha256')}: attack the served model")
+        cfg = WhiteboxConfig(**{**asdict(cfg), "fpr": float(params["false_positive_rate"]), "defences": ("default",)})
+    unknown = [d for d in cfg.defences if d not in DEFENCES]
+    if unknown:
+        raise FingerprintError(f"unknown defence(s) {unknown}; choose from {', '.join(DEFENCES)}")
+    ds, splits, _ = load_prepared(ws)
+    model = load_classifier(ws)
+    layout = ActivationLayout.from_json(stored.meta["layout"])
+    test = correctly_classified(model, ds, splits.test)[: cfg.count]
+    x, y = ds.x[test], ds.y[test]
+    acts, meta = load_activation_set(ws, "test", mmap=False)
+    clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"], images=ds.x[meta["source"]])
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(total=len(cfg.defences) * len(cfg.eps), desc="whitebox", unit="attack", disable=not progress)
+    for name in cfg.defences:
+        defence: Defence = build(ws, name, cfg.fpr, cfg.seed, progress=False)
+        server = ServedOverGrpc(client, defence.server.draw_size) if client else defence.server
+        copy = ExpectedDetector(defence.attacker, cfg.fpr)
+        rng = np.random.default_rng(cfg.seed)
+        realized = float(server.detect(clean, rng=rng).is_attacked.mean())
+        for eps in cfg.eps:
+            bar.set_postfix(defence=name, eps=eps)
+            result = eot_pgd(model, layout, copy, x, y, EOTConfig(eps, steps=cfg.steps, seed=cfg.seed))
+            rows.append({"defence": name, "eps": eps, "clean_fpr": realized, "notes": defence.notes,
+                         **score_attack(server, copy, result, model, layout, y, cfg, rng)})
+            bar.update()
+    bar.close()
+    where = f"the Triton server at {cfg.url} ({cfg.model})" if cfg.url else "the server replayed offline"
+    results = {"fpr": cfg.fpr, "server": where, "config": asdict(cfg), "rows": rows}
     if client is not None:
-        results["server"]["label_mismatches"] = mismatches
+        results["label_mismatches"] = server.label_mismatches
         client.close()
+    table = f"Server: {where}; thresholds for {cfg.fpr:.0%} clean FPR.\n\n" + whitebox_table(rows, cfg.draws)
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     name = "whitebox_served" if cfg.url else "whitebox"  # the served run keeps the offline report
-    (out / f"{name}.md").write_text("# White-box attacker: filter strategy (attacked images that pass a local "
-                                    "detector, sent to a randomized server)\n\n" + table)
-    plot_evasion(results, out / f"{name}.png")
+    (out / f"{name}.md").write_text("# White-box attacker with a local copy\n\n" + table)
+    plot_evasion(rows, out / f"{name}.png")
     files = [ws.write_json(out / f"{name}.json", results), out / f"{name}.md", out / f"{name}.png"]
-    ws.record(name, {**asdict(cfg), "m_values": m_values}, files, started)
+    ws.record(name, asdict(cfg), files, started)
     results["table"] = table
     return results
-
-
-def adaptive(ws, banks: list[Bank], statics: list[FingerprintDetector], cfg: WhiteboxConfig, m_values: list[int],
-             client=None, progress: bool = False) -> list[dict[str, Any]]:
-    """Strategy 2: detector-aware PGD (weight > 0) against each bank, beside plain PGD (weight 0), on
-    ``adaptive_count`` correctly classified test images; scored against each bank's static detector
-    (``statics``, calibrated by :func:`whitebox`) and randomized servers (replayed offline for each
-    ``m``, or the running server behind ``client``)."""
-    from tqdm.auto import tqdm
-
-    from export.activations import ActivationLayout, capture_activations
-    from export.adaptive_attack import PGDConfig, detector_aware_pgd
-    from export.pipeline import correctly_classified, load_activation_set, load_classifier, load_prepared
-
-    ds, splits, _ = load_prepared(ws)
-    model = load_classifier(ws)
-    layout = ActivationLayout.from_json(banks[0].meta["layout"])
-    test = correctly_classified(model, ds, splits.test)[: cfg.adaptive_count]
-    x, y = ds.x[test], ds.y[test]
-    cal_acts, cal_meta = load_activation_set(ws, "calibration", mmap=False)
-    cal_obs = Observations(cal_meta["predicted"], acts=cal_acts)
-    per_bank: list[dict[str, Detector]] = []  # calibrated once, used at every eps
-    for bank, static in zip(banks, statics):
-        detectors: dict[str, Detector] = {"static": static}
-        if client:
-            detectors["server"] = ServedOverGrpc(client, m_values[0])
-        for m in ([] if client else m_values):
-            detectors[f"random_m{m}"] = FingerprintDetector(bank, RandomDraws(m))
-            detectors[f"random_m{m}"].calibrate(cal_obs, (cfg.fpr,), DEFAULT_CALIBRATION_REPEATS, cfg.seed)
-        per_bank.append(detectors)
-    results: list[dict[str, Any]] = []
-    for eps in tqdm(cfg.adaptive_eps, desc="detector-aware PGD", unit="eps", disable=not progress):
-        plain = detector_aware_pgd(model, layout, banks[0], x, y, PGDConfig(eps, weight=0.0, seed=cfg.seed))
-        for bank, detectors in zip(banks, per_bank):
-            for w in (0.0, cfg.adaptive_weight):
-                x_adv = plain if w == 0 else detector_aware_pgd(model, layout, bank, x, y,
-                                                                 PGDConfig(eps, weight=w, seed=cfg.seed))
-                acts, _, logits = capture_activations(model, x_adv, layout.layers, progress=False, return_logits=True)
-                labels = logits.argmax(1)
-                ok = RandomDraws(max(m_values)).covers(labels, bank)
-                attacked = Observations(labels[ok], acts=acts[ok], images=x_adv[ok])
-                r = adaptive_experiment(detectors, attacked, y[ok], cfg.seed)
-                results.append({"eps": eps, "weight": w, "bank_size": int(bank.counts.max()), **r})
-    return results
-
-

@@ -120,8 +120,17 @@ class Bank:
         that has fewer). Its calibration, if any, is dropped: thresholds depend on the bank."""
         if per_class < 1:
             raise InvalidInputError(f"fingerprints per class must be at least 1, got {per_class}")
-        rows = [self.class_slice(c).start + np.argsort(-np.abs(self.cohen_d[self.class_slice(c)]), kind="stable")[:per_class]
-                for c in range(self.num_classes)]
+        return self.take([self.class_slice(c).start + np.argsort(-np.abs(self.cohen_d[self.class_slice(c)]),
+                                                                 kind="stable")[:per_class]
+                          for c in range(self.num_classes)])
+
+    def take(self, rows: list[np.ndarray]) -> "Bank":
+        """A bank of the fingerprints ``rows[c]`` (bank rows, each inside class ``c``) for every class ``c``;
+        its calibration, if any, is dropped."""
+        if len(rows) != self.num_classes or any(
+                len(r) and (np.min(r) < self.class_offsets[c] or np.max(r) >= self.class_offsets[c + 1])
+                for c, r in enumerate(rows)):
+            raise InvalidInputError(f"take needs one array of rows per class ({self.num_classes}), each inside its class")
         keep = np.concatenate(rows).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
         meta = {k: v for k, v in self.meta.items() if k != "calibration"}
