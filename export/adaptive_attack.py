@@ -34,6 +34,7 @@ from kernels.errors import InvalidInputError
 from kernels.scoring import log_likelihood_ratio
 
 MIN_SPREAD = 0.05  # the rating's unit for a member whose score does not vary over draws
+UNCHECKED_SCORE = 1e6  # the raw score of a class the detector cannot check: far above every threshold
 
 
 def member_thresholds(fusion: PValueFusion, fpr: float) -> dict[str, float]:
@@ -128,6 +129,9 @@ class ExpectedDetector(nn.Module):
         m = member.draws.m  # 0: every fingerprint, no spread
         for c in labels.unique().tolist():
             rows = (labels == c).nonzero().squeeze(1)
+            if not member.draws.covers(np.array([c]), bank)[0]:  # never checked, so never flagged
+                raw = raw.index_put((rows,), torch.tensor(UNCHECKED_SCORE))
+                continue
             f = slice(int(bank.class_offsets[c]), int(bank.class_offsets[c + 1]))
             v = (acts[rows][:, t["indices"][f]] * t["mask"][f]).sum(-1) / t["lengths"][f]  # (n, F_c)
             cm, inv_cs, am, inv_as, log_ratio = t["params"][:, f]
@@ -175,9 +179,9 @@ class EOTConfig:
 
     eps: float
     steps: int = 200
-    weights: tuple[float, ...] = (0.0, 1.0, 10.0)
+    weights: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0)
     spreads: tuple[float, ...] = (2.0, 4.0)
-    temperatures: tuple[float, ...] = (1.0, 5.0)
+    temperatures: tuple[float, ...] = (1.0, 10.0)
     kappa: float = 10.0
     step_size: float | None = None
     seed: int = 0
@@ -201,10 +205,16 @@ class AttackResult:
     plain: bool
 
 
-def eot_pgd(model: nn.Module, layout: ActivationLayout, copy: ExpectedDetector, x: np.ndarray, y: np.ndarray,
-            cfg: EOTConfig, progress: bool = False) -> AttackResult:
+def misclassification(logits: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` best other logit minus the true class's: positive once misclassified."""
+    return logits.scatter(1, true[:, None], -torch.inf).max(1).values - logits.gather(1, true[:, None]).squeeze(1)
+
+
+def eot_pgd(model: nn.Module, layout: ActivationLayout, copy: ExpectedDetector | None, x: np.ndarray,
+            y: np.ndarray, cfg: EOTConfig, progress: bool = False) -> AttackResult:
     """Detector-aware L-inf PGD against ``copy`` for every configuration of ``cfg``; ``x (N, C, H, W)``
-    in [0, 1], ``y`` the true labels. Keeps per image the best-rated iterate of all steps and configurations."""
+    in [0, 1], ``y`` the true labels. Keeps per image the best-rated iterate of all steps and configurations
+    (without a copy, which only plain PGD runs with: the most misclassified one)."""
     wrapped = ClassifierWithActivations(model, layout).eval()
     x0 = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     true = torch.from_numpy(np.asarray(y, np.int64))
@@ -221,13 +231,12 @@ def eot_pgd(model: nn.Module, layout: ActivationLayout, copy: ExpectedDetector, 
             adv.requires_grad_(True)
             logits, acts = wrapped(adv)
             with torch.no_grad():  # the iterate as it stands: keep it where it rates best so far
-                r = copy.rating(logits, acts, true)
+                r = copy.rating(logits, acts, true) if copy is not None else misclassification(logits, true)
                 better = r > best_rating
                 best[better], best_rating[better], which[better] = adv.detach()[better], r[better], i
             if _ == cfg.steps:
                 break
-            other = logits.scatter(1, true[:, None], -torch.inf).max(1).values
-            objective = (other - logits.gather(1, true[:, None]).squeeze(1)).clamp(max=cfg.kappa)
+            objective = misclassification(logits, true).clamp(max=cfg.kappa)
             if weight:
                 z, spread = copy(logits, acts, logits.argmax(1).detach(), temperature)
                 hinge = (copy.threshold(logits.argmax(1)) + k * spread - z).clamp(min=0).sum(1)

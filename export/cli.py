@@ -175,7 +175,7 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
                         "calibration (default: %(default)s)")
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf budgets of the detector-aware EOT PGD (default: %(default)s)")
-    p.add_argument("--count", type=int, default=200,
+    p.add_argument("--count", type=int, default=150,
                    help="correctly classified test images attacked (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="PGD steps per attack configuration (default: %(default)s)")
     p.add_argument("--draws", type=int, default=20,
@@ -183,6 +183,12 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defences", nargs="+", default=["default"], choices=list(DEFENCES), metavar="NAME",
                    help="server detectors to attack: " + "; ".join(f"{k}: {v}" for k, v in DEFENCES.items())
                         + " (default: %(default)s)")
+    p.add_argument("--harden-rounds", type=int, default=2,
+                   help="hardened defence: rounds of attacks on fit images, each followed by a new search (default: %(default)s)")
+    p.add_argument("--harden-count", type=int, default=300,
+                   help="hardened defence: fit images attacked per round (default: %(default)s)")
+    p.add_argument("--harden-steps", type=int, default=100,
+                   help="hardened defence: PGD steps per attack configuration (default: %(default)s)")
     p.add_argument("--url", help="attack a running Triton server at host:port (gRPC) instead of replaying it "
                                  "offline; m, bank and FPR are then the server's")
     p.add_argument("--model", default="guarded_classifier",
@@ -266,8 +272,11 @@ def _export(args, ws, progress):
 def _whitebox(args, ws, progress):
     from export.whitebox import WhiteboxConfig, whitebox
 
+    from export.defences import Hardening
+
     cfg = WhiteboxConfig(args.fpr, args.whitebox_seed, tuple(args.eps), args.count, args.steps, args.draws,
-                         tuple(args.defences), args.url, args.model)
+                         tuple(args.defences), Hardening(args.harden_rounds, args.harden_count, steps=args.harden_steps),
+                         args.url, args.model)
     return {"table": whitebox(ws, cfg, progress)["table"]}
 
 

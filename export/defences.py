@@ -31,7 +31,14 @@ from export.activations import ActivationLayout
 from export.pipeline import bank_dir, default_fusion, load_activation_set, load_prepared
 from export.workspace import Workspace
 from kernels.bank import Bank
-from kernels.detector import DEFAULT_CALIBRATION_REPEATS, Detector, FingerprintDetector, Observations, RandomDraws
+from kernels.detector import (
+    DEFAULT_CALIBRATION_REPEATS,
+    Detector,
+    FingerprintDetector,
+    Observations,
+    RandomDraws,
+    served_detector,
+)
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
 
@@ -132,9 +139,9 @@ def bank_overlap(a: Bank, b: Bank) -> float:
 
 
 def harden(ws: Workspace, data: FitData, bank: Bank, m: int, fpr: float, rounds: int, count: int, eps: float,
-           seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
+           steps: int, seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
     """``rounds`` of: attack ``count`` correctly classified fit-split images with the detector-aware PGD at
-    ``eps`` against the current fused detector, add the misclassified results (labelled with their
+    ``eps`` (``steps`` per configuration) against the current fused detector, add the misclassified results (labelled with their
     predicted class) to the attacked fit data, search again. Returns the last bank and per round how
     many attacked images joined and how many of them the attacked detector's expectation passed."""
     from export.activations import capture_activations
@@ -151,7 +158,7 @@ def harden(ws: Workspace, data: FitData, bank: Bank, m: int, fpr: float, rounds:
     history = []
     for r in range(rounds):
         detector = data.fused(bank, m, fpr, seed)
-        attack = EOTConfig(eps, steps=100, weights=(1.0, 10.0), spreads=(2.0,), temperatures=(1.0,), seed=seed + r)
+        attack = EOTConfig(eps, steps=steps, weights=(1.0, 10.0), spreads=(2.0,), temperatures=(1.0,), seed=seed + r)
         result = eot_pgd(model, layout, ExpectedDetector(detector, fpr), ds.x[fit], ds.y[fit], attack, progress)
         acts, _, logits = capture_activations(model, result.x_adv, layout.layers, progress=False, return_logits=True)
         fooled = logits.argmax(1) != ds.y[fit]
@@ -169,12 +176,25 @@ DEFENCES: dict[str, str] = {
     "k5": "the paper's 5-neuron fingerprints, known to the attacker",
     "secret-k5": "5-neuron fingerprints searched with a secret seed; the attacker attacks its own",
     "decorrelated": f"fingerprints kept for |r| <= {MAX_CORRELATION} on attacked data, layers in turn",
-    "hardened": "two rounds of detector-aware attacks on fit images added to the bank's data",
+    "hardened": "rounds of detector-aware attacks on fit images added to the bank's data",
 }
 
 
-def build(ws: Workspace, name: str, fpr: float, seed: int, progress: bool = False) -> Defence:
-    """The defence ``name`` (one of :data:`DEFENCES`) on workspace ``ws``."""
+@dataclass(frozen=True)
+class Hardening:
+    """How :func:`harden` builds the ``hardened`` defence: ``rounds`` of the detector-aware PGD at ``eps``
+    on ``count`` fit images, ``steps`` per configuration."""
+
+    rounds: int = 2
+    count: int = 300
+    eps: float = 0.3
+    steps: int = 100
+
+
+def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening = Hardening(),
+          progress: bool = False) -> Defence:
+    """The defence ``name`` (one of :data:`DEFENCES`) on workspace ``ws``; ``default`` is the served
+    detector with its stored thresholds when ``nfp calibrate`` stored them for ``fpr``."""
     if name not in DEFENCES:
         raise InvalidInputError(f"unknown defence {name!r}; choose from {', '.join(DEFENCES)}")
     stored = Bank.load(bank_dir(ws))
@@ -183,7 +203,8 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, progress: bool = Fals
     base = SearchConfig(**stored.meta["search"])
     fused: Callable[[Bank], Detector] = lambda bank: data.fused(bank, m, fpr, seed)  # noqa: E731
     if name == "default":
-        detector = fused(stored)
+        stored_fprs = stored.meta.get("calibration", {}).get("fused", {}).get("thresholds", {})
+        detector = served_detector(stored, fpr) if any(float(f) == fpr for f in stored_fprs) else fused(stored)
         return Defence(name, detector, detector)
     if name in ("secret", "secret-k5", "k5"):
         k5 = SearchConfig(**{**base.to_json(), "k": (5,), "keep": 1000}) if "k5" in name else base
@@ -199,6 +220,7 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, progress: bool = Fals
         pool = data.search(SearchConfig(**{**base.to_json(), "keep": 10 * base.keep}))
         detector = fused(decorrelated(pool, data.attacked, layout, base.keep))
         return Defence(name, detector, detector, {"fingerprints": int(detector.members["vote"].bank.num_fingerprints)})
-    bank, history = harden(ws, data, stored, m, fpr, rounds=2, count=300, eps=0.3, seed=seed, progress=progress)
+    bank, history = harden(ws, data, stored, m, fpr, hardening.rounds, hardening.count, hardening.eps,
+                           hardening.steps, seed, progress)
     detector = fused(bank)
     return Defence(name, detector, detector, {"rounds": history})

@@ -20,11 +20,12 @@ offline with fresh draws per request, or a running Triton server called over gRP
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from export.defences import Hardening
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import FingerprintError, ModelMismatchError
@@ -87,6 +88,7 @@ class WhiteboxConfig:
         steps: PGD steps per attack configuration.
         draws: requests per attacked image (fresh server draws each).
         defences: names of :data:`export.defences.DEFENCES`.
+        hardening: how the ``hardened`` defence is built (:class:`export.defences.Hardening`).
         url: attack a running Triton server at host:port (gRPC) instead of replaying it offline (then
             the defence is the served bank, ``default``).
         model: the served model to attack at ``url``.
@@ -95,10 +97,11 @@ class WhiteboxConfig:
     fpr: float = 0.01
     seed: int = 2
     eps: tuple[float, ...] = (0.1, 0.2, 0.3)
-    count: int = 200
+    count: int = 150
     steps: int = 200
     draws: int = 20
     defences: tuple[str, ...] = ("default",)
+    hardening: Hardening = field(default_factory=Hardening)
     url: str | None = None
     model: str = "guarded_classifier"
 
@@ -182,7 +185,7 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
         if params.get("model_sha256") != stored.meta.get("model_sha256"):
             raise ModelMismatchError(f"the server at {cfg.url} serves model sha256 {params.get('model_sha256')}, the "
                                      f"bank in {ws.root} belongs to {stored.meta.get('model_sha256')}: attack the served model")
-        cfg = WhiteboxConfig(**{**asdict(cfg), "fpr": float(params["false_positive_rate"]), "defences": ("default",)})
+        cfg = replace(cfg, fpr=float(params["false_positive_rate"]), defences=("default",))
     unknown = [d for d in cfg.defences if d not in DEFENCES]
     if unknown:
         raise FingerprintError(f"unknown defence(s) {unknown}; choose from {', '.join(DEFENCES)}")
@@ -196,7 +199,7 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(cfg.defences) * len(cfg.eps), desc="whitebox", unit="attack", disable=not progress)
     for name in cfg.defences:
-        defence: Defence = build(ws, name, cfg.fpr, cfg.seed, progress=False)
+        defence: Defence = build(ws, name, cfg.fpr, cfg.seed, cfg.hardening)
         server = ServedOverGrpc(client, defence.server.draw_size) if client else defence.server
         copy = ExpectedDetector(defence.attacker, cfg.fpr)
         rng = np.random.default_rng(cfg.seed)

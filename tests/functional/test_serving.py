@@ -182,23 +182,22 @@ def test_predict_command_prints_a_verdict_per_image(server, mnist_subset, tmp_pa
 
 
 @pytest.mark.parametrize("model", GUARDED)
-def test_whitebox_command_sends_what_passed_locally_to_the_running_server(tiny_run, server, model, tmp_path, capsys):
+def test_whitebox_command_sends_the_adaptive_attacks_to_the_running_server(tiny_run, server, model, tmp_path, capsys):
     import shutil
 
     from export.cli import main
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    assert main(["whitebox", "--out", str(out), "--url", server.grpc_url, "--model", model]) == 0
+    assert main(["whitebox", "--out", str(out), "--url", server.grpc_url, "--model", model, "--eps", "0.3",
+                 "--count", "6", "--steps", "4", "--draws", "2"]) == 0
     assert f"the Triton server at {server.grpc_url} ({model})" in capsys.readouterr().out
     assert not (out / "report" / "whitebox.json").exists()
     result = json.loads((out / "report" / "whitebox_served.json").read_text())
-    assert result["server"]["label_mismatches"] == 0 and result["fpr"] == FPR
-    m = Calibration.from_json(Bank.load(out / "bank").meta["calibration"]["lrt"]).m
-    assert result["filter"] and {r["m"] for r in result["filter"]} == {m}
-    for r in result["filter"]:
-        for name in ("static", "random"):
-            assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
+    assert result["label_mismatches"] == 0 and result["fpr"] == FPR
+    (row,) = result["rows"]
+    assert row["defence"] == "default" and row["attacked"] <= 6
+    assert row["eot_all_draws"] <= row["misclassified"] and row["filter_sent"] <= row["attacked"]
 
 
 def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, tmp_path):

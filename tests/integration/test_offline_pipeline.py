@@ -111,26 +111,30 @@ def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
                        weights=out / "classifier.pt", progress=False)
 
 
-def test_whitebox_command_reports_each_draw_size_and_bank_size(tiny_run, tmp_path, capsys):
+def test_whitebox_command_attacks_every_defence_at_every_eps(tiny_run, tmp_path, capsys):
     import shutil
+
+    from export.defences import DEFENCES
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)
-    assert main(["whitebox", "--out", str(out), "--m-values", "4", "16", "--bank-sizes", "20", "40",
-                 "--adaptive-eps", "0.3", "--adaptive-count", "10"]) == 0
+    assert main(["whitebox", "--out", str(out), "--defences", *DEFENCES, "--eps", "0.1", "0.3", "--count", "8",
+                 "--steps", "4", "--draws", "3", "--harden-rounds", "1", "--harden-count", "12",
+                 "--harden-steps", "3"]) == 0
     printed = capsys.readouterr().out
-    for size in (20, 40):
-        assert f"| {size} | 4 | fgsm_eps0.3 |" in printed and f"| {size} | 16 | fgsm_eps0.3 |" in printed
     result = json.loads((out / "report" / "whitebox.json").read_text())
     assert (out / "report" / "whitebox.png").stat().st_size > 5_000
-    assert {(r["bank_size"], r["m"]) for r in result["filter"]} == {(20, 4), (20, 16), (40, 4), (40, 16)}
-    for r in result["filter"]:
-        for name in ("static", "random"):
-            assert r[name]["flagged_by_server"] + r[name]["evaded_server"] == r[name]["passed_local"] <= r["attacked"]
-    aware = [r for r in result["adaptive"] if r["weight"] == 1]
-    assert sorted(r["bank_size"] for r in aware) == [20, 40]
-    for r in aware:
-        assert r["attacked"] <= 10 and 0 <= r["random_m16"]["evaded"] <= r["misclassified"]
+    assert [(r["defence"], r["eps"]) for r in result["rows"]] == [(d, e) for d in DEFENCES for e in (0.1, 0.3)]
+    for r in result["rows"]:
+        assert f"| {r['defence']} | {r['eps']:g} |" in printed
+        assert r["attacked"] <= 8 and r["eot_all_draws"] <= r["misclassified"] <= r["attacked"]
+        assert 0 <= r["eot_evasion"] <= r["misclassified"] / r["attacked"]
+        assert r["eot_ci95"][0] <= r["eot_evasion"] <= r["eot_ci95"][1]
+        assert r["filter_sent"] <= r["attacked"] and 0 <= r["clean_fpr"] <= 1
+        assert sum(r["configurations_kept"]) <= r["attacked"]
+    notes = {r["defence"]: r["notes"] for r in result["rows"]}
+    assert 0 <= notes["secret-k5"]["attacker_bank_overlap"] < notes["secret"]["attacker_bank_overlap"] <= 1
+    assert [h["round"] for h in notes["hardened"]["rounds"]] == [1]
 
 
 def test_the_design_study_and_the_transfer_study_measure_every_design_on_every_attack(tiny_run, tmp_path):

@@ -1,25 +1,159 @@
-"""The detector-aware PGD: its differentiable score is the bank's, and it stays in the eps-ball."""
+"""The adaptive attacker's copy of the detector: what it computes is what the detector decides on
+average, and the detector-aware PGD uses it to beat plain PGD."""
 import numpy as np
+import pytest
 import torch
 
 from export.activations import capture_activations
-from export.adaptive_attack import ExpectedLikelihoodRatio, PGDConfig, detector_aware_pgd
-from kernels.benchmark import synthetic_bank
-from kernels.detector import AllFingerprints, FingerprintDetector, Observations
+from export.adaptive_attack import EOTConfig, ExpectedDetector, eot_pgd, member_thresholds
+from kernels.bank import Bank
+from kernels.baselines import LogitMargin
+from kernels.detector import AllFingerprints, FingerprintDetector, Observations, PValueFusion, RandomDraws
+from kernels.fingerprint_search import SearchConfig
 
 
-def test_differentiable_score_equals_the_static_detectors(bank, make_rows):
-    acts, labels = make_rows(12, 40, True)
-    torch_score = ExpectedLikelihoodRatio(bank)(torch.from_numpy(acts), torch.from_numpy(labels)).numpy()
-    static = FingerprintDetector(bank, AllFingerprints()).raw_scores(Observations(labels, acts=acts))[0]
-    np.testing.assert_allclose(torch_score, static, rtol=1e-4, atol=1e-4)
+def brute_force_static_scores(acts: np.ndarray, labels: np.ndarray, bank: Bank, method: str = "lrt") -> np.ndarray:
+    """The mean over every fingerprint of the predicted class, written out in float64 per image and
+    fingerprint: of log N(v; clean) - log N(v; attacked) (``lrt``), or of [v is closer in z-units to
+    the clean Gaussian than to the attacked one] (``vote``)."""
+    out = []
+    for x, c in zip(acts.astype(np.float64), labels):
+        terms = []
+        for f in range(bank.class_offsets[c], bank.class_offsets[c + 1]):
+            v = x[bank.indices[f, : bank.lengths[f]]].mean()
+            cm, cs = float(bank.clean_mean[f]), float(bank.clean_std[f])
+            am, as_ = float(bank.attacked_mean[f]), float(bank.attacked_std[f])
+            if method == "lrt":
+                terms.append(-0.5 * ((v - cm) / cs) ** 2 - np.log(cs) + 0.5 * ((v - am) / as_) ** 2 + np.log(as_))
+            else:
+                terms.append(float(abs(v - cm) / cs < abs(v - am) / as_))
+        out.append(np.mean(terms))
+    return np.array(out)
 
 
-def test_attack_stays_in_the_eps_ball_and_fools_the_classifier(small_model, mnist_subset):
-    x, y = mnist_subset[0][:16], mnist_subset[1][:16]
-    _, layout = capture_activations(small_model, x[:1], ["fc2", "fc3"], progress=False)
-    fake = synthetic_bank(10, 20, 5, layout.num_neurons)
-    adv = detector_aware_pgd(small_model, layout, fake, x, y, PGDConfig(eps=0.3, steps=20, weight=0.5))
-    assert np.abs(adv - x).max() <= 0.3 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+def observations(make_rows, n: int, seed: int, attacked_share: float) -> Observations:
+    """Planted rows, a share of them pulled toward the attacked signal; random two-class logits."""
+    x, y = make_rows(n, seed, False)
+    xa, _ = make_rows(n, seed + 1, True)
+    w = (np.random.default_rng(seed).random(n) < attacked_share)[:, None] * np.float32(0.7)
+    logits = np.random.default_rng(seed + 2).normal(size=(n, 2)).astype(np.float32) * 3
+    logits[np.arange(n), y] += 4
+    return Observations(y, acts=(1 - w) * x + w * xa, logits=logits)
+
+
+@pytest.fixture(scope="module")
+def fused(bank, make_rows):
+    """The served default's shape on the planted bank: vote over 16 random draws + margin, min-p, 5% FPR."""
+    detector = PValueFusion({"vote": FingerprintDetector(bank, RandomDraws(16), "vote"), "margin": LogitMargin()})
+    detector.calibrate(observations(make_rows, 600, 40, 0.0), (0.05,), repeats=4)
+    return detector
+
+
+def copy_of(detector, obs: Observations, fpr: float = 0.05):
+    copy = ExpectedDetector(detector, fpr)
     with torch.no_grad():
-        assert (small_model(torch.from_numpy(adv)).argmax(1).numpy() != y).mean() > 0.8
+        z, spread = copy(torch.from_numpy(obs.logits), torch.from_numpy(obs.acts), torch.from_numpy(obs.labels))
+    return copy, z.numpy().astype(np.float64), spread.numpy().astype(np.float64)
+
+
+def test_the_copys_expected_scores_are_the_brute_force_means_over_the_whole_bank(bank, fused, make_rows):
+    obs = observations(make_rows, 40, 50, 0.5)
+    _, z, spread = copy_of(fused, obs)
+    vote, margin = fused.members["vote"], fused.members["margin"]
+    expected_vote = vote.calibration.standardize(brute_force_static_scores(obs.acts, obs.labels, bank, "vote"),
+                                                 np.zeros(40, np.int64))
+    top = np.sort(obs.logits.astype(np.float64), axis=1)
+    expected_margin = margin.calibration.standardize(top[:, -1] - top[:, -2], np.zeros(40, np.int64))
+    np.testing.assert_allclose(z[:, 0], expected_vote, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(z[:, 1], expected_margin, rtol=1e-5, atol=1e-5)
+    assert (spread[:, 1] == 0).all() and (spread[:, 0] > 0).any()
+
+
+def test_the_copys_expectation_and_spread_match_the_randomized_detector_over_many_draws(fused, make_rows):
+    obs = observations(make_rows, 30, 60, 0.5)
+    _, z, spread = copy_of(fused, obs)
+    rng = np.random.default_rng(0)
+    runs = np.array([fused.members["vote"].detect(obs, rng=rng).score for _ in range(3000)])
+    np.testing.assert_allclose(runs.mean(0), z[:, 0], atol=4 * spread[:, 0].max() / np.sqrt(3000) + 1e-9)
+    varies = spread[:, 0] > 0
+    np.testing.assert_allclose(runs.std(0)[varies], spread[varies, 0], rtol=0.1)
+
+
+def test_the_static_lrt_copy_matches_the_brute_force_score(bank, make_rows):
+    obs = observations(make_rows, 20, 70, 0.5)
+    static = FingerprintDetector(bank, AllFingerprints())
+    static.calibrate(observations(make_rows, 300, 71, 0.0), (0.05,))
+    _, z, spread = copy_of(static, obs)
+    expected = static.calibration.standardize(brute_force_static_scores(obs.acts, obs.labels, bank), np.zeros(20, int))
+    np.testing.assert_allclose(z[:, 0], expected, rtol=1e-4, atol=1e-4)
+    assert (spread == 0).all()  # every fingerprint, every time
+
+
+def test_member_thresholds_reproduce_every_decision_of_the_min_p_fusion(bank, make_rows):
+    static = PValueFusion({"vote": FingerprintDetector(bank, AllFingerprints(), "vote"), "margin": LogitMargin()})
+    static.calibrate(observations(make_rows, 600, 80, 0.0), (0.05,))
+    obs = observations(make_rows, 400, 81, 0.4)
+    t = member_thresholds(static, 0.05)
+    z = np.stack([static.members[name].detect(obs).score for name in t], axis=1)
+    split = (z < np.array(list(t.values()))).any(axis=1)
+    flagged = static.detect(obs).is_attacked
+    assert 0 < flagged.sum() < len(obs)
+    np.testing.assert_array_equal(split, flagged)
+
+
+def test_a_fisher_fusion_is_refused_by_name(bank, make_rows):
+    fisher = PValueFusion({"vote": FingerprintDetector(bank, AllFingerprints(), "vote"), "margin": LogitMargin()},
+                          "fisher")
+    fisher.calibrate(observations(make_rows, 200, 90, 0.0), (0.05,))
+    with pytest.raises(Exception, match="fuses by 'fisher'"):
+        ExpectedDetector(fisher, 0.05)
+
+
+@pytest.fixture(scope="module")
+def guarded_small_model(small_model, mnist_subset):
+    """The small CNN with a fused detector whose bank separates its clean images from plain-PGD ones."""
+    order = np.random.default_rng(0).permutation(len(mnist_subset[1]))  # the subset is sorted by class
+    x, y = mnist_subset[0][order], mnist_subset[1][order]
+    layers = ["conv2", "fc1", "fc2", "fc3"]
+    acts, layout, logits = capture_activations(small_model, x, layers, progress=False, return_logits=True)
+    ok = logits.argmax(1) == y
+    fit, cal, test = np.arange(250)[ok[:250]], np.arange(250, 500), np.arange(500, 560)[ok[500:560]]
+    plain = eot_pgd(small_model, layout, None, x[fit], y[fit], EOTConfig(0.3, steps=20, weights=(0.0,)))
+    adv_acts, _, adv_logits = capture_activations(small_model, plain.x_adv, layers, progress=False, return_logits=True)
+    fooled = adv_logits.argmax(1) != y[fit]
+    detector = PValueFusion({"vote": FingerprintDetector(draws=RandomDraws(16), method="vote"), "margin": LogitMargin()})
+    detector.members["vote"].fit(Observations(y[fit], acts=acts[fit]),
+                                 Observations(adv_logits.argmax(1)[fooled], acts=adv_acts[fooled]),
+                                 SearchConfig(candidates=2000, keep=30), 10)
+    detector.calibrate(Observations(logits.argmax(1)[cal], acts=acts[cal], logits=logits[cal]), (0.05,), 3)
+    return detector, layout, x[test], y[test]
+
+
+def test_the_detector_term_has_a_gradient_at_the_input_image(small_model, guarded_small_model):
+    from export.onnx_export import ClassifierWithActivations
+
+    detector, layout, x, _ = guarded_small_model
+    images = torch.from_numpy(x[:8]).requires_grad_(True)
+    logits, acts = ClassifierWithActivations(small_model, layout)(images)
+    z, _ = ExpectedDetector(detector, 0.05)(logits, acts, logits.argmax(1).detach(), temperature=1.0)
+    (grad,) = torch.autograd.grad(z[:, 0].sum(), images)
+    assert grad.abs().sum() > 0  # the activation hook once detached it: the attack then ignored the detector
+
+
+def test_eot_pgd_stays_in_the_ball_and_evades_where_plain_pgd_is_caught(small_model, guarded_small_model):
+    detector, layout, x, y = guarded_small_model
+    copy = ExpectedDetector(detector, 0.05)
+    plain = eot_pgd(small_model, layout, None, x, y, EOTConfig(0.3, steps=30, weights=(0.0,)))
+    aware = eot_pgd(small_model, layout, copy, x, y, EOTConfig(0.3, steps=30, weights=(0.0, 10.0), spreads=(2.0,),
+                                                               temperatures=(1.0,)))
+    for r in (plain, aware):
+        assert np.abs(r.x_adv - x).max() <= 0.3 + 1e-6 and r.x_adv.min() >= 0 and r.x_adv.max() <= 1
+    assert aware.pool.shape == (2, *x.shape) and aware.plain
+
+    def evasion(images):
+        acts, _, logits = capture_activations(small_model, images, layout.layers, progress=False, return_logits=True)
+        obs = Observations(logits.argmax(1), acts=acts, logits=logits)
+        rng = np.random.default_rng(0)
+        return np.mean([(obs.labels != y) & ~detector.detect(obs, rng=rng).is_attacked for _ in range(10)])
+
+    assert evasion(aware.x_adv) > evasion(plain.x_adv) + 0.2
