@@ -212,11 +212,14 @@ def whitebox(ws, cfg: WhiteboxConfig = WhiteboxConfig(), progress: bool = True) 
             bar.update()
     bar.close()
     where = f"the Triton server at {cfg.url} ({cfg.model})" if cfg.url else "the server replayed offline"
-    results = {"fpr": cfg.fpr, "server": where, "config": asdict(cfg), "rows": rows}
+    accuracy = ws.read_json(ws.root / "classifier.json", "train")["accuracy"]["test"]
+    results = {"fpr": cfg.fpr, "server": where, "clean_accuracy": accuracy, "config": asdict(cfg), "rows": rows}
     if client is not None:
         results["label_mismatches"] = server.label_mismatches
         client.close()
-    table = f"Server: {where}; thresholds for {cfg.fpr:.0%} clean FPR.\n\n" + whitebox_table(rows, cfg.draws)
+    table = (f"Server: {where}; thresholds for {cfg.fpr:.0%} clean FPR; classifier's clean test accuracy "
+             f"{accuracy:.1%}; {len(y)} correctly classified test images attacked, {cfg.steps} steps per "
+             f"configuration.\n\n" + whitebox_table(rows, cfg.draws))
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     name = "whitebox_served" if cfg.url else "whitebox"  # the served run keeps the offline report

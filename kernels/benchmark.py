@@ -23,7 +23,7 @@ import numpy as np
 
 from kernels.bank import Bank
 from kernels.gpu import gpu_available
-from kernels.scoring import draw_fingerprints, score, score_values
+from kernels.scoring import OsEntropy, draw_fingerprints, score, score_values
 
 
 def synthetic_bank(num_classes: int, per_class: int, k: int, num_neurons: int, seed: int = 0) -> Bank:
@@ -95,15 +95,38 @@ def detector_steps(neurons: int = 2280, classes: int = 1000, m: int = 128, windo
                   f"{best['fused']:7.3f} ms   x{best['fused'] / best['lrt']:.2f}")
 
 
+def draw_sources(neurons: int) -> None:
+    """What secret draws cost: the seeded PCG64 generator the server used before against
+    :class:`kernels.scoring.OsEntropy` (fresh OS entropy per draw, unbiased), alone and within the
+    whole detection step, side by side."""
+    rng = np.random.default_rng(0)
+    print("draw source: PCG64 (seeded once) vs OS entropy (getrandom per draw, unbiased); best of repeats")
+    print(f"{'B':>4} {'m':>5} | {'pcg64 us':>9} {'os us':>9} {'x':>5} | {'step pcg64 us':>13} {'step os us':>10} {'x':>5}")
+    for b, m in ((1, 128), (64, 128), (256, 1024)):
+        bank = synthetic_bank(10, max(1000, m), 1, neurons)
+        acts = rng.normal(size=(b, neurons)).astype(np.float32)
+        labels = rng.integers(0, 10, b)
+        pcg, os_ = np.random.default_rng(1), OsEntropy()
+        t = best_times([lambda: draw_fingerprints(labels, bank, m, pcg), lambda: draw_fingerprints(labels, bank, m, os_),
+                        lambda: score(acts, labels, bank, m, pcg), lambda: score(acts, labels, bank, m, os_)])
+        print(f"{b:>4} {m:>5} | {t[0] * 1e6:>9.1f} {t[1] * 1e6:>9.1f} {t[1] / t[0]:>5.1f} | {t[2] * 1e6:>13.0f} "
+              f"{t[3] * 1e6:>10.0f} {t[3] / t[2]:>5.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--neurons", type=int, default=12938, help="D (default: %(default)s, the MNIST CNN's layout)")
     p.add_argument("--quick", action="store_true", help="only B=64, m=256, k=50")
     p.add_argument("--detectors", action="store_true",
                    help="instead: the served detector step, the LRT alone beside the fused default")
+    p.add_argument("--draw-sources", action="store_true",
+                   help="instead: the cost of secret draws (OS entropy) against a seeded PCG64, alone and per step")
     args = p.parse_args(argv)
     if args.detectors:
         detector_steps()
+        return
+    if args.draw_sources:
+        draw_sources(args.neurons)
         return
     grid = [(64, 256, 50)] if args.quick else [(b, m, k) for k in (10, 50) for m in (64, 256, 1024) for b in (1, 64, 256)]
     rng = np.random.default_rng(0)

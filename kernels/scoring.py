@@ -9,13 +9,13 @@ input's activations over its neurons) and score the input with
 - ``vote``: the fraction of drawn fingerprints whose value is closer, in z-units, to clean than to attacked;
 - ``anomaly``: the mean clean log-likelihood (needs no attack data).
 
-Low scores mean attacked. Draws at serving time come from a generator seeded by the operating
-system's cryptographic source (:func:`secure_rng`), so nobody can predict which fingerprints a request
-meets; a seed is accepted only for reproducible evaluation.
+Low scores mean attacked. Draws at serving time come straight from the operating system's
+cryptographic source (:class:`OsEntropy`, unbiased), so nobody can predict which fingerprints a
+request meets; a seeded generator is accepted only for reproducible evaluation.
 """
 from __future__ import annotations
 
-import secrets
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,9 +30,46 @@ HALF_LOG_2PI = 0.5 * np.log(2 * np.pi)
 SMALL_GATHER = 32_768  # gathered values below which a plain take-and-sum is faster (kernels.benchmark)
 
 
-def secure_rng() -> np.random.Generator:
-    """A NumPy generator seeded with 128 bits from :mod:`secrets` (the OS's CSPRNG)."""
-    return np.random.default_rng(secrets.randbits(128))
+class OsEntropy:
+    """Draws straight from the operating system's cryptographically secure generator (``os.urandom``,
+    i.e. ``getrandom(2)`` on Linux), fresh bytes for every draw: unlike a seeded PCG64, whose state can
+    be recovered from enough of its outputs, nothing observed about earlier draws predicts the next.
+
+    Indices are unbiased (Lemire, 2019, "Fast random integer generation in an interval"): a ``w``-bit
+    word ``v`` maps to ``floor(v * n / 2^w)``, and is drawn again when the low ``w`` bits of ``v * n``
+    fall below ``2^w mod n``, so every index owns equally many accepted words. Words are 16 bits while
+    every class holds at most 2^16 fingerprints (half the entropy read; a share below ``n / 2^16`` is
+    redrawn), else 32 bits; classes above 2^32 fingerprints are refused.
+    """
+
+    def below(self, counts: np.ndarray, m: int) -> np.ndarray:
+        """``(B, m) int64``: row ``b`` holds ``m`` independent uniform integers in ``[0, counts[b])``."""
+        n = np.repeat(np.asarray(counts, np.uint64), m)
+        if not n.size:
+            return np.zeros((0, m), np.int64)
+        if n.min() < 1 or n.max() > 1 << 32:
+            raise InvalidInputError(f"can draw from 1 to 2^32 fingerprints, got a class of "
+                                    f"{n.min() if n.min() < 1 else n.max()}")
+        bits, word = (16, np.uint16) if n.max() <= 1 << 16 else (32, np.uint32)
+        floor = (np.uint64(1 << bits) - n) % n  # 2^bits mod n
+        low, shift = np.uint64((1 << bits) - 1), np.uint64(bits)
+        out = np.empty(n.size, np.uint64)
+        todo = slice(None)  # every position on the first pass; afterwards the rejected ones
+        while True:
+            size = n[todo].size
+            product = np.frombuffer(os.urandom(size * bits // 8), word).astype(np.uint64) * n[todo]
+            ok = (product & low) >= floor[todo]
+            if ok.all():
+                out[todo] = product >> shift
+                return out.astype(np.int64).reshape(-1, m)
+            positions = np.arange(n.size)[todo]
+            out[positions[ok]] = product[ok] >> shift
+            todo = positions[~ok]
+
+
+def secure_rng() -> OsEntropy:
+    """The source of every serving draw (and of any draw not given a seeded generator): :class:`OsEntropy`."""
+    return OsEntropy()
 
 
 @dataclass(frozen=True)
@@ -102,12 +139,15 @@ def covered(labels: np.ndarray, bank: Bank, m: int) -> np.ndarray:
     return bank.counts[np.asarray(labels, np.int64)] >= m
 
 
-def draw_fingerprints(labels: np.ndarray, bank: Bank, m: int, rng: np.random.Generator) -> np.ndarray:
+def draw_fingerprints(labels: np.ndarray, bank: Bank, m: int, rng: "np.random.Generator | OsEntropy") -> np.ndarray:
     """``(B, m) int64`` fingerprint ids, each row drawn uniformly (with replacement) from the bank
-    of that row's class. ``labels (B,)`` must already be checked."""
+    of that row's class, from :class:`OsEntropy` (serving) or a seeded generator (reproducible
+    evaluation). ``labels (B,)`` must already be checked."""
     if m < 1:
         raise InvalidInputError(f"m (fingerprints per input) must be at least 1, got {m}")
     counts = bank.counts[labels]
+    if isinstance(rng, OsEntropy):
+        return bank.class_offsets[labels][:, None] + rng.below(counts, m)
     return bank.class_offsets[labels][:, None] + (rng.random((len(labels), m)) * counts[:, None]).astype(np.int64)
 
 

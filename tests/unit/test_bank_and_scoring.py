@@ -1,13 +1,15 @@
 """The bank's format, and randomized detection on a planted signal."""
 import json
 
+import os
+
 import numpy as np
 import pytest
 
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
 from kernels.errors import InvalidInputError, ModelMismatchError
-from kernels.scoring import draw_fingerprints, score, secure_rng, subset_means
+from kernels.scoring import OsEntropy, draw_fingerprints, score, secure_rng, subset_means
 from tests.unit.conftest import PLANTED_D as D
 
 def test_a_smaller_bank_keeps_each_classs_strongest_fingerprints(bank):
@@ -79,19 +81,19 @@ def test_attacked_rows_score_below_the_calibrated_threshold(bank, make_rows):
     assert tpr > 0.95
 
 
-def test_default_draws_are_seeded_from_the_os_csprng(bank, make_rows, monkeypatch):
-    """Without a generator, draws come from 128 bits of :mod:`secrets`: pinning that source pins the
-    draws (so it is the only source), and the real source gives other draws on every call."""
-    import kernels.scoring
-
-    acts, y = make_rows(4, 0, False)
-    asked = []
-    monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: asked.append(bits) or 12345)
-    pinned = score(acts, y, bank, 32).ids
-    np.testing.assert_array_equal(pinned, draw_fingerprints(y, bank, 32, np.random.default_rng(12345)))
-    assert asked == [128]
+def test_default_draws_read_fresh_os_entropy_and_nothing_else(bank, make_rows, monkeypatch):
+    """Without a generator, every draw reads ``os.urandom``: pinning that source pins the draws (so it is
+    the only one; no generator state carries over from call to call), and the real source gives other
+    draws on every call."""
+    acts, y = make_rows(64, 0, False)
+    read = []
+    monkeypatch.setattr(os, "urandom", lambda k: read.append(k) or bytes(range(256)) * (k // 256) + bytes(k % 256))
+    pinned = score(acts, y, bank, 100).ids
+    np.testing.assert_array_equal(score(acts, y, bank, 100).ids, pinned)
+    assert sum(read) >= 2 * 64 * 100 * 2  # at least 16 fresh bits per draw, on every call
     monkeypatch.undo()
-    assert not np.array_equal(score(acts, y, bank, 32).ids, pinned)
+    assert isinstance(secure_rng(), OsEntropy)
+    assert not np.array_equal(score(acts, y, bank, 100).ids, pinned)
 
 
 def test_draws_are_uniform_over_the_class(bank):
@@ -100,6 +102,20 @@ def test_draws_are_uniform_over_the_class(bank):
     counts = np.bincount(draw_fingerprints(np.zeros(2000, np.int64), bank, 100, secure_rng()).ravel(),
                          minlength=bank.class_offsets[1])
     assert stats.chisquare(counts).pvalue > 1e-4 and counts.sum() == 200_000
+
+
+@pytest.mark.parametrize("n", [3 << 14, 3 << 30])
+def test_secret_draws_have_no_modulo_bias_where_a_naive_mapping_would(n):
+    """With n = 3 * 2^14 (16-bit words) or 3 * 2^30 (32-bit words), a plain ``word mod n`` puts half of
+    all draws below 2^w / 4 instead of a third; the unbiased draw must not."""
+    draws = OsEntropy().below(np.array([n]), 60_000).ravel()
+    assert draws.min() >= 0 and draws.max() < n
+    assert abs((draws < n // 3).mean() - 1 / 3) < 0.01
+
+
+def test_secret_draws_refuse_an_empty_class():
+    with pytest.raises(InvalidInputError, match="from 1 to 2"):
+        OsEntropy().below(np.array([5, 0]), 4)
 
 
 def test_draws_stay_inside_the_predicted_class(bank, make_rows):
