@@ -22,7 +22,7 @@ import numpy as np
 from kernels.errors import FingerprintError, InvalidInputError
 
 ENSEMBLE = "guarded_classifier"
-OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids")
+OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked")  # and fingerprint_ids where audited
 
 
 class RequestError(FingerprintError):
@@ -40,7 +40,8 @@ class Detection:
         is_attacked: ``(B,) bool`` verdict at the served false-positive rate.
         checked: ``(B,) bool`` whether the server could check the image (False: its predicted class has
             too few fingerprints; then score is NaN and is_attacked False).
-        fingerprint_ids: ``(B, m) int64`` the fingerprints the server drew for each image (-1 unchecked).
+        fingerprint_ids: ``(B, m) int64`` the fingerprints the server drew for each image (-1 unchecked),
+            from a server written with ``audit`` only; None otherwise (the draws stay secret).
     """
 
     label: np.ndarray
@@ -48,7 +49,7 @@ class Detection:
     score: np.ndarray
     is_attacked: np.ndarray
     checked: np.ndarray
-    fingerprint_ids: np.ndarray
+    fingerprint_ids: np.ndarray | None = None
 
     @property
     def confidence(self) -> np.ndarray:
@@ -64,7 +65,7 @@ def _inputs(grpc, images: np.ndarray):
         raise InvalidInputError(f"images must be a non-empty (B, C, H, W) array, got shape {images.shape}")
     tensor = grpc.InferInput("images", list(images.shape), "FP32")
     tensor.set_data_from_numpy(np.ascontiguousarray(images))
-    return [tensor], [grpc.InferRequestedOutput(name) for name in OUTPUTS]
+    return [tensor]  # no outputs named: the server answers all it has (fingerprint_ids only if audited)
 
 
 def parse(result, batch: int) -> Detection:
@@ -78,7 +79,7 @@ def parse(result, batch: int) -> Detection:
                                f"(got {None if a is None else a.shape}): is this a guarded classifier?")
         arrays[name] = a
     return Detection(arrays["label"][:, 0], arrays["probabilities"], arrays["score"][:, 0],
-                     arrays["is_attacked"][:, 0], arrays["checked"][:, 0], arrays["fingerprint_ids"])
+                     arrays["is_attacked"][:, 0], arrays["checked"][:, 0], result.as_numpy("fingerprint_ids"))
 
 
 def _server_error(e, url: str) -> RequestError:
@@ -123,9 +124,9 @@ class DetectorClient:
         """Classify and check ``images (B, C, H, W) float32`` in one request."""
         from tritonclient.utils import InferenceServerException
 
-        inputs, outputs = _inputs(self._grpc, images)
+        inputs = _inputs(self._grpc, images)
         try:
-            result = self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
             raise _server_error(e, self.url) from None
         return parse(result, len(images))
@@ -134,11 +135,11 @@ class DetectorClient:
         """Send a request without waiting; many may be in flight at once. The future always resolves:
         with the detection, or with :class:`RequestError` (server error, unparsable answer, deadline)."""
         future: Future[Detection] = Future()
-        inputs, outputs = _inputs(self._grpc, images)
+        inputs = _inputs(self._grpc, images)
         batch = len(images)
 
         self.client.async_infer(self.model, inputs, lambda result, error: resolve(future, result, error, batch, self.url),
-                                outputs=outputs, client_timeout=self.timeout_s)
+                                client_timeout=self.timeout_s)
         return future
 
     def detector_parameters(self) -> dict[str, str]:
@@ -194,9 +195,9 @@ class AsyncDetectorClient:
     async def detect(self, images: np.ndarray) -> Detection:
         from tritonclient.utils import InferenceServerException
 
-        inputs, outputs = _inputs(self._grpc, images)
+        inputs = _inputs(self._grpc, images)
         try:
-            result = await self.client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
+            result = await self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
             raise _server_error(e, self.url) from None
         return parse(result, len(images))

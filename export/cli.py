@@ -155,6 +155,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="calibrated false-positive rate that decides is_attacked (default: %(default)s)")
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
+    p.add_argument("--audit", action="store_true",
+                   help="also answer each request's draws (fingerprint_ids); off by default, the draws are the "
+                        "detector's secret")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -408,7 +411,7 @@ def serve(args: argparse.Namespace) -> None:
     from model_repository.writer import ServingConfig, write_repository
 
     cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused, queue_delay_us=args.queue_delay_us,
-                        instances=args.instances)
+                        instances=args.instances, audit=args.audit)
     repo = write_repository(args.out, args.out / "repository" / args.profile, args.profile, cfg)
     print(f"model repository: {repo}", file=sys.stderr)
     if args.write_only:

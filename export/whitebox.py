@@ -66,13 +66,14 @@ class ServedOverGrpc(Detector):
         for start in range(0, len(obs), self.batch):
             chunk = slice(start, start + self.batch)
             r = self.client.detect(np.ascontiguousarray(images[chunk]))
-            if r.fingerprint_ids.shape[1] != self.draw_size:
-                raise ModelMismatchError(f"the server draws {r.fingerprint_ids.shape[1]} fingerprints per "
-                                         f"request, the local bank's calibration {self.draw_size}: not the same bank")
+            draws = r.fingerprint_ids if r.fingerprint_ids is not None else np.zeros((len(r.label), 0), np.int64)
+            if r.fingerprint_ids is not None and draws.shape[1] != self.draw_size:
+                raise ModelMismatchError(f"the server draws {draws.shape[1]} fingerprints per request, the local "
+                                         f"bank's calibration {self.draw_size}: not the same bank")
             self.label_mismatches += int((r.label != obs.labels[chunk]).sum())
-            parts.append((r.score.astype(np.float64), r.is_attacked, r.checked, r.fingerprint_ids))
+            parts.append((r.score.astype(np.float64), r.is_attacked, r.checked, draws))
         if not parts:
-            return Verdicts(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), np.zeros((0, self.draw_size), np.int64))
+            return Verdicts(np.zeros(0), np.zeros(0, bool), np.zeros(0, bool), np.zeros((0, 0), np.int64))
         return Verdicts(*(np.concatenate(a) for a in zip(*parts)))
 
 

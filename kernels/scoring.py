@@ -23,10 +23,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from kernels.bank import Bank
-from kernels.errors import InvalidInputError
+from kernels.errors import FingerprintError, InvalidInputError
 
 METHODS = ("lrt", "vote", "anomaly")
 HALF_LOG_2PI = 0.5 * np.log(2 * np.pi)
+MAX_REDRAWS = 64  # of one rejected draw, each rejected with probability below 1/2
 SMALL_GATHER = 32_768  # gathered values below which a plain take-and-sum is faster (kernels.benchmark)
 
 
@@ -55,7 +56,7 @@ class OsEntropy:
         low, shift = np.uint64((1 << bits) - 1), np.uint64(bits)
         out = np.empty(n.size, np.uint64)
         todo = slice(None)  # every position on the first pass; afterwards the rejected ones
-        while True:
+        for _ in range(MAX_REDRAWS):
             size = n[todo].size
             product = np.frombuffer(os.urandom(size * bits // 8), word).astype(np.uint64) * n[todo]
             ok = (product & low) >= floor[todo]
@@ -65,6 +66,8 @@ class OsEntropy:
             positions = np.arange(n.size)[todo]
             out[positions[ok]] = product[ok] >> shift
             todo = positions[~ok]
+        raise FingerprintError(f"the OS entropy source gave {MAX_REDRAWS} rejected words in a row for one draw (a "
+                               f"chance below 2^-{MAX_REDRAWS}): it is not random")
 
 
 def secure_rng() -> OsEntropy:

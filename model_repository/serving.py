@@ -35,15 +35,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
-                     sizes: list[int]) -> list[dict[str, np.ndarray]]:
+                     sizes: list[int], audit: bool = False) -> list[dict[str, np.ndarray]]:
     """The served output tensors of consecutive requests of ``sizes`` inputs each, named as in the model
-    configs. Every image is answered; an unchecked one has NaN ``score``, ``is_attacked`` False and
-    ``fingerprint_ids`` -1."""
+    configs. Every image is answered; an unchecked one has NaN ``score`` and ``is_attacked`` False. Only
+    with ``audit`` do they include the draws, ``fingerprint_ids`` (-1 where unchecked)."""
     probabilities, score = softmax(logits), verdicts.score.astype(np.float32)
     bounds = np.cumsum([0, *sizes])
     return [{"label": labels[a:b, None].astype(np.int64), "probabilities": probabilities[a:b],
              "score": score[a:b, None], "is_attacked": verdicts.is_attacked[a:b, None],
-             "checked": verdicts.checked[a:b, None], "fingerprint_ids": verdicts.draws[a:b]}
+             "checked": verdicts.checked[a:b, None], **({"fingerprint_ids": verdicts.draws[a:b]} if audit else {})}
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 

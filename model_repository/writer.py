@@ -11,9 +11,9 @@ Tensor names are the ONNX graph's (``images``, ``logits``, ``activations``), so 
 ensemble configs are the same in both profiles. Models:
 
 - ``classifier``: images -> logits, activations;
-- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, checked,
-  fingerprint_ids;
-- ``guarded_classifier`` (ensemble): images -> label, probabilities, score, is_attacked, checked, fingerprint_ids;
+- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, checked
+  (and ``fingerprint_ids``, the request's draws, only in a repository written with ``audit``);
+- ``guarded_classifier`` (ensemble): images -> the same outputs;
 - ``guarded_classifier_fused`` (cpu profile, when ``ServingConfig.fused``): the same inputs and outputs
   from one Python-backend step running both the classifier and the detector.
 """
@@ -44,6 +44,8 @@ class ServingConfig:
         instances: model instances per model.
         false_positive_rate: which calibrated threshold decides ``is_attacked``.
         fused: also serve ``guarded_classifier_fused`` (cpu profile only).
+        audit: also answer each request's draws (``fingerprint_ids``). Off by default: the draws are
+            the detector's secret, and an attacker who sees them learns which fingerprints a request met.
     """
 
     max_batch_size: int = 256
@@ -51,6 +53,7 @@ class ServingConfig:
     instances: int = 1
     false_positive_rate: float = 0.01
     fused: bool = False
+    audit: bool = False
 
 
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:
@@ -81,7 +84,7 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
     logits, acts = _tensor("logits", "TYPE_FP32", [c]), _tensor("activations", "TYPE_FP32", [d])
     results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
                _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
-               _tensor("checked", "TYPE_BOOL", [1]), _tensor("fingerprint_ids", "TYPE_INT64", [m])]
+               _tensor("checked", "TYPE_BOOL", [1])] + [_tensor("fingerprint_ids", "TYPE_INT64", [m])] * cfg.audit
     head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
     if profile == "cpu":
         classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images]) + _io("output", [logits, acts])
@@ -91,12 +94,13 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
                       + _io("input", [images]) + _io("output", [logits, acts]) + _batching(cfg)
                       + _instances("KIND_GPU", cfg))
     detection = (f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
-                 + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n')
+                 + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n'
+                 + f'parameters {{ key: "audit" value: {{ string_value: "{str(cfg.audit).lower()}" }} }}\n')
     detector = (head(DETECTOR, 'backend: "python"') + _io("input", [logits, acts]) + _io("output", results)
                 + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
-    names = ["label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids"]
+    names = ["label", "probabilities", "score", "is_attacked", "checked"] + ["fingerprint_ids"] * cfg.audit
     ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + _io("input", [images]) + _io("output", results)
                 + "ensemble_scheduling {\n  step [\n"
                 + f'    {{ model_name: "{CLASSIFIER}" model_version: -1\n'

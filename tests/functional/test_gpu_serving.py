@@ -21,14 +21,14 @@ pytestmark = [
 def test_the_gpu_profile_serves_the_offline_verdicts(tiny_run, mnist_subset, tmp_path):
     from client.grpc_client import DetectorClient
     from model_repository.server import TritonServer
-    from model_repository.writer import write_repository
+    from model_repository.writer import ServingConfig, write_repository
     from kernels.bank import Bank
     from kernels.calibration import Calibration
     from kernels.onnx_runtime import ort_session
     from kernels.scoring import score
 
     out, _ = tiny_run
-    repo = write_repository(out, tmp_path / "gpu", "gpu")
+    repo = write_repository(out, tmp_path / "gpu", "gpu", ServingConfig(audit=True))  # replays the draws
     x = mnist_subset[0][:32]
     with TritonServer(repo) as server, DetectorClient(server.grpc_url) as client:
         result = client.detect(x)

@@ -24,9 +24,10 @@ FPR = 0.05
 @pytest.fixture(scope="module")
 def server(tiny_run, tmp_path_factory):
     out, _ = tiny_run
-    # served at 5%: the tiny run calibrates on 120 images, whose 1% threshold is its single lowest score
+    # served at 5%: the tiny run calibrates on 120 images, whose 1% threshold is its single lowest score;
+    # written for audit, so that the replay tests see each request's draws
     repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu",
-                            ServingConfig(fused=True, false_positive_rate=FPR))
+                            ServingConfig(fused=True, false_positive_rate=FPR, audit=True))
     with TritonServer(repo) as server:
         yield server
 
@@ -158,6 +159,24 @@ def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
     meta_path.write_text(json.dumps({**meta, "model_sha256": "0" * 64}))
     with pytest.raises(ServerError, match="built for model sha256 0000"):
         TritonServer(repo).start()
+
+
+def test_a_server_written_without_audit_keeps_its_draws_secret(tiny_run, mnist_subset, tmp_path):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    repo = write_repository(tiny_run[0], tmp_path / "repo", "cpu", ServingConfig(fused=True))
+    with TritonServer(repo) as server:
+        for model in GUARDED:
+            with DetectorClient(server.grpc_url, model) as client:
+                result = client.detect(mnist_subset[0][:4])
+            assert result.fingerprint_ids is None and result.checked.all()
+            raw = grpcclient.InferenceServerClient(server.grpc_url)
+            images = grpcclient.InferInput("images", [1, 1, 28, 28], "FP32")
+            images.set_data_from_numpy(mnist_subset[0][:1])
+            with pytest.raises(InferenceServerException, match="fingerprint_ids"):  # asking for them by name fails
+                raw.infer(model, [images], outputs=[grpcclient.InferRequestedOutput("fingerprint_ids")])
+            raw.close()
 
 
 def test_the_server_shuts_down_cleanly_leaving_no_shared_memory(tiny_run, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from kernels.bank import Bank
 from kernels.calibration import calibrate_threshold
-from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.errors import FingerprintError, InvalidInputError, ModelMismatchError
 from kernels.scoring import OsEntropy, draw_fingerprints, score, secure_rng, subset_means
 from tests.unit.conftest import PLANTED_D as D
 
@@ -111,6 +111,12 @@ def test_secret_draws_have_no_modulo_bias_where_a_naive_mapping_would(n):
     draws = OsEntropy().below(np.array([n]), 60_000).ravel()
     assert draws.min() >= 0 and draws.max() < n
     assert abs((draws < n // 3).mean() - 1 / 3) < 0.01
+
+
+def test_a_broken_entropy_source_is_named_instead_of_drawn_from_forever(monkeypatch):
+    monkeypatch.setattr(os, "urandom", bytes)  # all zeros: every word of a range of 3 * 2^14 is rejected
+    with pytest.raises(FingerprintError, match="not random"):
+        OsEntropy().below(np.array([3 << 14]), 2)
 
 
 def test_secret_draws_refuse_an_empty_class():

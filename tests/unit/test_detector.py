@@ -69,8 +69,9 @@ def test_detection_is_the_offline_score_of_its_own_draws(bank_dir):
     np.testing.assert_allclose(d.score, z, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(d.is_attacked, z < cal.threshold(0.05, labels))
     assert d.draws.shape == (5, M) and kernel_s > 0 and d.checked.all()
-    first, out = response_tensors(logits, labels, d, [3, 2])
+    first, out = response_tensors(logits, labels, d, [3, 2], audit=True)
     np.testing.assert_array_equal(first["fingerprint_ids"], d.draws[:3])
+    assert "fingerprint_ids" not in response_tensors(logits, labels, d, [3, 2])[0]  # the draws stay secret
     assert {k: v.shape for k, v in out.items()} == {"label": (2, 1), "probabilities": (2, 3), "score": (2, 1),
                                                      "is_attacked": (2, 1), "checked": (2, 1),
                                                      "fingerprint_ids": (2, M)}
@@ -93,14 +94,15 @@ def test_an_image_of_a_class_without_fingerprints_is_answered_unchecked_beside_t
                                rtol=1e-5, atol=1e-6)
 
 
-def test_a_detector_seeds_its_draws_from_the_os_csprng(bank_dir, monkeypatch):
-    """Two detectors started alike draw alike only when their seed source is pinned: the seed comes
-    from :mod:`secrets`, not from anything two server starts share."""
-    import kernels.scoring
+def test_the_served_detector_draws_from_the_os_csprng_on_every_request(bank_dir, monkeypatch):
+    """Two detectors started alike draw alike only when the OS's entropy is pinned; with it real, even
+    one detector draws anew for every request (no generator state to recover)."""
+    import os
 
     acts, logits = [np.random.default_rng(3).random((1, 300), dtype=np.float32)], logits_for([1])
-    first = lambda: ServedDetector(bank_dir, SHA).detect(np.array([1]), acts, logits)[0].draws  # noqa: E731
-    monkeypatch.setattr(kernels.scoring.secrets, "randbits", lambda bits: 99)
-    np.testing.assert_array_equal(first(), first())
+    detector = ServedDetector(bank_dir, SHA)
+    draw = lambda d: d.detect(np.array([1]), acts, logits)[0].draws  # noqa: E731
+    monkeypatch.setattr(os, "urandom", lambda k: bytes(range(256)) * (k // 256) + bytes(range(k % 256)))
+    np.testing.assert_array_equal(draw(detector), draw(ServedDetector(bank_dir, SHA)))
     monkeypatch.undo()
-    assert not np.array_equal(first(), first())
+    assert not np.array_equal(draw(detector), draw(detector))

@@ -16,7 +16,7 @@ def bank(mixed_size_bank) -> Bank:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
     configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
-               for name, text in model_configs(bank, [1, 28, 28], profile, ServingConfig()).items()}
+               for name, text in model_configs(bank, [1, 28, 28], profile, ServingConfig(audit=True)).items()}
     classifier, detector, ensemble = configs["classifier"], configs["fingerprint_detector"], configs["guarded_classifier"]
     assert [o.name for o in classifier.output] == ["logits", "activations"]
     assert list(classifier.output[1].dims) == [300]
@@ -25,6 +25,7 @@ def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
     assert list(detector.output[5].dims) == [32]
     assert ensemble.platform == "ensemble" and len(ensemble.ensemble_scheduling.step) == 2
     assert detector.parameters["model_sha256"].string_value == "ab" * 32
+    assert detector.parameters["audit"].string_value == "true"
     kind = model_config_pb2.ModelInstanceGroup.KIND_GPU if profile == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert classifier.instance_group[0].kind == kind and detector.instance_group[0].kind == kind
     assert classifier.backend == ("onnxruntime" if profile == "gpu" else "python")
@@ -46,3 +47,13 @@ def test_the_fused_model_has_the_ensembles_inputs_and_outputs_in_the_cpu_profile
     assert "guarded_classifier_fused" not in model_configs(bank, [1, 28, 28], "cpu", ServingConfig())
     with pytest.raises(InvalidInputError, match="cpu profile only"):
         model_configs(bank, [1, 28, 28], "gpu", ServingConfig(fused=True))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_draws_are_no_output_unless_the_repository_is_written_for_audit(bank, fused):
+    configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
+               for name, text in model_configs(bank, [1, 28, 28], "cpu", ServingConfig(fused=fused)).items()}
+    for name, config in configs.items():
+        assert "fingerprint_ids" not in [o.name for o in config.output], name
+        assert all("fingerprint_ids" not in s.output_map for s in config.ensemble_scheduling.step)
+    assert configs["fingerprint_detector"].parameters["audit"].string_value == "false"

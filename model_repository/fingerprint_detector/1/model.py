@@ -3,7 +3,7 @@ the second step of the ``guarded_classifier`` ensemble.
 
 Inputs ``logits (num_classes,)`` and ``activations (D,)`` from the classifier step. For every input it
 draws its own ``m`` fingerprints from the bank of the predicted class (``model_repository.serving.ServedDetector``:
-CSPRNG-seeded draws, one gather-reduce; the CUDA kernel on ``KIND_GPU``, taking the activations through
+draws read from the OS's CSPRNG, one gather-reduce; the CUDA kernel on ``KIND_GPU``, taking the activations through
 DLPack), and returns:
 
 - ``label (1,) int64``, ``probabilities (num_classes,) float32`` (softmax of the logits);
@@ -12,8 +12,8 @@ DLPack), and returns:
 - ``is_attacked (1,) bool``: score below the threshold calibrated for the configured false-positive rate;
 - ``checked (1,) bool``: whether the input could be checked (False where the predicted class has fewer
   than ``m`` fingerprints; then ``score`` is NaN and ``is_attacked`` False);
-- ``fingerprint_ids (m,) int64``: the draws of this request. They are fresh for every request, so
-  knowing past draws does not tell an attacker the next ones; tests replay them offline.
+- ``fingerprint_ids (m,) int64``, only when the repository was written with ``audit``: the draws of
+  this request (tests replay them offline). Off by default: the draws are the detector's secret.
 
 Requests of one ``execute`` call are scored together; a request with bad activations gets its own
 error, on ``KIND_GPU`` too (each request's GPU tensor is checked on its own), and every image of a good
@@ -47,6 +47,7 @@ class TritonPythonModel:
                                  gpu=args.get("model_instance_kind") == "GPU",
                                  device_id=int(args.get("model_instance_device_id", "0")))
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
+        self.audit = params.get("audit") == "true"
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -69,6 +70,6 @@ class TritonPythonModel:
         labels, logits = np.concatenate(labels), np.concatenate(logits)
         verdicts, kernel_s = self.detector.detect(labels, acts, logits)
         self.metrics.record(verdicts, kernel_s)
-        for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners])):
+        for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners], self.audit)):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

@@ -1,7 +1,7 @@
 """Triton Python-backend model: classifier and fingerprint detector in one step (cpu profile, optional).
 
 Same inputs and outputs as the ``guarded_classifier`` ensemble (``images`` -> ``label``,
-``probabilities``, ``score``, ``is_attacked``, ``checked``, ``fingerprint_ids``) and the same detection
+``probabilities``, ``score``, ``is_attacked``, ``checked``, and ``fingerprint_ids`` with ``audit``) and the same detection
 (``model_repository.serving.ServedDetector``), but the ONNX classifier and the detector run in one ``execute`` of
 one Python stub, so the activations never leave the process and no second ensemble step is
 scheduled. On the pip-installed server, where the classifier is itself a Python-backend model, this
@@ -33,6 +33,7 @@ class TritonPythonModel:
         self.detector = ServedDetector(version / "bank", params["model_sha256"],
                                  float(params.get("false_positive_rate", "0.01")))
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
+        self.audit = params.get("audit") == "true"
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -67,6 +68,6 @@ class TritonPythonModel:
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
         verdicts, kernel_s = self.detector.detect(labels, [acts], logits)
         self.metrics.record(verdicts, kernel_s)
-        for (i, _), out in zip(answered, response_tensors(logits, labels, verdicts, [n for _, n in answered])):
+        for (i, _), out in zip(answered, response_tensors(logits, labels, verdicts, [n for _, n in answered], self.audit)):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses
