@@ -155,6 +155,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="calibrated false-positive rate that decides is_attacked (default: %(default)s)")
     p.add_argument("--queue-delay-us", type=int, default=0, help="dynamic-batching delay per model (default: 0)")
     p.add_argument("--instances", type=int, default=1, help="instances of each model (default: 1)")
+    p.add_argument("--signing-key", type=Path,
+                   help="private key that signs every model folder; the server gets its public.pem beside it and "
+                        "loads signed, unchanged models only (default: <out>/signing/private.pem, created if "
+                        "missing; keep it off the serving machine)")
     p.add_argument("--audit", action="store_true",
                    help="also answer each request's draws (fingerprint_ids); off by default, the draws are the "
                         "detector's secret")
@@ -290,9 +294,11 @@ def _demo(args, ws, progress):
     from model_repository.writer import ServingConfig, write_repository
 
     fpr = getattr(args, "fpr", 0.01)
-    repo = write_repository(ws.root, ws.root / "repository" / "cpu", "cpu", ServingConfig(false_positive_rate=fpr))
+    private, public = signing_keys(ws.root, getattr(args, "signing_key", None))
+    repo = write_repository(ws.root, ws.root / "repository" / "cpu", "cpu", ServingConfig(false_positive_rate=fpr),
+                            signing_key=private)
     x, y, attacked = demo_images(ws)
-    with TritonServer(repo, verbose=False) as server:
+    with TritonServer(repo, verbose=False, public_key=public) as server:
         served = run_demo(server.grpc_url, x, y, attacked, progress=progress)
     return {**served, "table": format_report(served, fpr)}
 
@@ -402,6 +408,20 @@ def run(args: argparse.Namespace) -> None:
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
 
 
+def signing_keys(out: Path, private: Path | None) -> tuple[Path, Path]:
+    """The private key given (its ``public.pem`` beside it) or ``<out>/signing/`` (created if missing)."""
+    from model_repository.signing import create_keys
+
+    if private is None:
+        private = Path(out) / "signing" / "private.pem"
+        if not private.is_file():
+            return create_keys(private.parent)
+    public = Path(private).parent / "public.pem"
+    if not Path(private).is_file() or not public.is_file():
+        raise FingerprintError(f"signing needs {private} and public.pem beside it")
+    return Path(private), public
+
+
 def serve(args: argparse.Namespace) -> None:
     """Write the repository and run the server in the foreground until Ctrl-C (or SIGTERM)."""
     import signal
@@ -412,12 +432,14 @@ def serve(args: argparse.Namespace) -> None:
 
     cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused, queue_delay_us=args.queue_delay_us,
                         instances=args.instances, audit=args.audit)
-    repo = write_repository(args.out, args.out / "repository" / args.profile, args.profile, cfg)
-    print(f"model repository: {repo}", file=sys.stderr)
+    private, public = signing_keys(args.out, args.signing_key)
+    repo = write_repository(args.out, args.out / "repository" / args.profile, args.profile, cfg, signing_key=private)
+    print(f"model repository: {repo} (signed; public key {public})", file=sys.stderr)
     if args.write_only:
         return
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=not args.quiet)
+    server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=not args.quiet,
+                          public_key=public)
     try:
         server.start()
         models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")

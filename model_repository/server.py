@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from kernels.errors import FingerprintError
+from model_repository.signing import PUBLIC_KEY_ENV
 
 READY_TIMEOUT_S = 120
 
@@ -70,11 +71,17 @@ class TritonServer:
         grpc_port, http_port, metrics_port: 0 picks a free port.
         log: where the server's log goes (a file object); default: kept in memory, tail shown on errors.
         verbose: forward the server's log lines to stderr as they come.
+        public_key: the key the repository was signed with (:mod:`model_repository.signing`); with it,
+            every detecting model refuses to load unless its folder is signed by that key and unchanged.
+            It reaches the models through the environment, never through the repository.
     """
 
     def __init__(self, repository: Path, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, public_key: Path | None = None) -> None:
         self.repository = Path(repository).resolve()
+        self.public_key = Path(public_key).resolve() if public_key is not None else None
+        if self.public_key is not None and not self.public_key.is_file():
+            raise ServerError(f"public key {public_key} not found")
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.verbose = verbose
@@ -108,6 +115,8 @@ class TritonServer:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.public_key is not None:
+            env[PUBLIC_KEY_ENV] = str(self.public_key)
         if os.environ.get("NFP_TRITONSERVER"):
             return env
         libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"

@@ -1,11 +1,13 @@
 """The served detector: randomized neural-fingerprint detection of a classifier's outputs.
 
-Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: load the bank once (refusing a bank
-built for another model), check each request on its own, and answer a batch of requests through the
-detector contract (:func:`kernels.detector.served_detector`: by default the fusion of the randomized
-fingerprints, where every input draws its own ``m`` fingerprints from the bank of its predicted class
-with a generator seeded from the operating system's CSPRNG and one gather-reduce in NumPy or the CUDA
-kernel of :mod:`kernels.gpu`, and the logit margin).
+Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: verify the model folder's signature
+(:mod:`model_repository.signing`) when the server has a public key, load the bank once, refusing a bank
+built for another model than the ONNX file actually served (hashed at load), check each request on its
+own, and answer a batch of requests through the detector contract
+(:func:`kernels.detector.served_detector`: by default the fusion of the randomized fingerprints, where
+every input draws its own ``m`` fingerprints from the bank of its predicted class from the operating
+system's CSPRNG and one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`, and the
+logit margin).
 
 Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
 ``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
@@ -47,6 +49,16 @@ def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class DetectorMetrics:
     """Prometheus counters of a detecting model (``pb_utils`` is Triton's module, passed in so this
     file imports without Triton): inputs answered, inputs flagged, inputs left unchecked, kernel microseconds."""
@@ -66,18 +78,29 @@ class DetectorMetrics:
 
 
 class ServedDetector:
-    """Bank, calibration and CSPRNG-seeded draws of one served model.
+    """Bank, calibration and secret draws of one served model.
 
     Args:
-        bank_dir: the calibrated bank exported with the model.
-        model_sha256: the served ONNX file's SHA-256; a bank bound to another model is refused.
+        bank_dir: the calibrated bank exported with the model, inside the model's version folder.
+        model_sha256: the ONNX file's SHA-256 the repository was written for; a bank bound to another
+            model is refused.
         false_positive_rate: which calibrated threshold decides ``is_attacked``.
         gpu: score with the CUDA kernel (activations may then be GPU tensors).
         device_id: the CUDA device of this model instance (Triton's ``model_instance_device_id``).
+        served_model: the ONNX file the server actually runs: hashed, and refused unless it is the
+            model the bank was built for.
     """
 
     def __init__(self, bank_dir: Path, model_sha256: str, false_positive_rate: float = 0.01, gpu: bool = False,
-                 device_id: int = 0):
+                 device_id: int = 0, served_model: Path | None = None):
+        from model_repository.signing import verify_if_required
+
+        self.verified = verify_if_required(Path(bank_dir).parent.parent)  # <model>/<version>/bank
+        if served_model is not None:
+            actual = file_sha256(served_model)
+            if actual != model_sha256:
+                raise FingerprintError(f"the served model.onnx has sha256 {actual}, the repository was written for "
+                                       f"{model_sha256}: refusing to guard another model")
         bank = Bank.load(Path(bank_dir), model_sha256=model_sha256)
         backend = None
         if gpu:

@@ -119,10 +119,12 @@ def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: Serving
 
 
 def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
-                     cfg: ServingConfig = ServingConfig()) -> Path:
+                     cfg: ServingConfig = ServingConfig(), signing_key: Path | None = None) -> Path:
     """Write a runnable repository for ``profile`` from a pipeline output folder into ``target``.
 
-    Needs ``model.onnx`` and a calibrated ``bank/`` bound to it (``nfp export``).
+    Needs ``model.onnx`` and a calibrated ``bank/`` bound to it (``nfp export``). With ``signing_key``
+    (a private key kept outside ``target``, :func:`model_repository.signing.create_keys`) every model
+    folder is signed; a server started with the public key loads nothing else.
     """
     pipeline_out, target = Path(pipeline_out), Path(target)
     onnx = pipeline_out / "model.onnx"
@@ -146,4 +148,10 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
         shutil.copytree(pipeline_out / "bank", target / name / "1" / "bank")
     if cfg.fused:
         shutil.copy2(onnx, target / FUSED / "1" / "model.onnx")
+    if signing_key is not None:
+        from model_repository.signing import sign_repository
+
+        if Path(signing_key).resolve().is_relative_to(target.resolve()):
+            raise InvalidInputError("the signing key must be kept outside the model repository it signs")
+        sign_repository(target, signing_key)
     return target

@@ -15,6 +15,7 @@ from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
 from kernels.scoring import score
 from model_repository.server import ServerError, TritonServer
+from model_repository.signing import create_keys
 from model_repository.writer import ServingConfig, write_repository
 
 GUARDED = ("guarded_classifier", "guarded_classifier_fused")  # the ensemble and its one-step equivalent
@@ -26,9 +27,10 @@ def server(tiny_run, tmp_path_factory):
     out, _ = tiny_run
     # served at 5%: the tiny run calibrates on 120 images, whose 1% threshold is its single lowest score;
     # written for audit, so that the replay tests see each request's draws
+    private, public = create_keys(tmp_path_factory.mktemp("keys"))  # outside the repository
     repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu",
-                            ServingConfig(fused=True, false_positive_rate=FPR, audit=True))
-    with TritonServer(repo) as server:
+                            ServingConfig(fused=True, false_positive_rate=FPR, audit=True), signing_key=private)
+    with TritonServer(repo, public_key=public) as server:
         yield server
 
 
@@ -158,6 +160,82 @@ def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "model_sha256": "0" * 64}))
     with pytest.raises(ServerError, match="built for model sha256 0000"):
+        TritonServer(repo).start()
+
+
+def perturbed_model(path):
+    """Another valid classifier: the ONNX file with one weight changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(path)
+    w = next(i for i in model.graph.initializer if numpy_helper.to_array(i).size > 100)
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.01, w.name))
+    onnx.save(model, path)
+
+
+def thresholds_to_minus_infinity(version):
+    bank = version / "bank" / "bank.json"
+    meta = json.loads(bank.read_text())
+    for cal in meta["calibration"].values():
+        cal["thresholds"] = {k: [-1e30] * len(v) for k, v in cal["thresholds"].items()}
+    bank.write_text(json.dumps(meta))
+
+
+def zero_the_recorded_model_hash(version):
+    bank = version / "bank" / "bank.json"
+    bank.write_text(json.dumps({**json.loads(bank.read_text()), "model_sha256": "0" * 64}))
+
+
+TAMPERS = {  # what an attacker with write access to the repository tried, and the refusal each gets
+    "another model.onnx": (lambda repo: perturbed_model(repo / "guarded_classifier_fused" / "1" / "model.onnx"),
+                           "guarded_classifier_fused fails its signature check.*model.onnx"),
+    "thresholds that flag nothing": (lambda repo: thresholds_to_minus_infinity(repo / "fingerprint_detector" / "1"),
+                                     "fingerprint_detector fails its signature check.*bank.json"),
+    "a zeroed model hash": (lambda repo: zero_the_recorded_model_hash(repo / "fingerprint_detector" / "1"),
+                            "fingerprint_detector fails its signature check"),
+    "a looser served false-positive rate": (
+        lambda repo: (repo / "fingerprint_detector" / "config.pbtxt").write_text(
+            (repo / "fingerprint_detector" / "config.pbtxt").read_text().replace('"0.01"', '"0.05"')),
+        "fingerprint_detector fails its signature check.*config.pbtxt"),
+    "an added file": (lambda repo: (repo / "classifier" / "1" / "extra.onnx").write_bytes(b"x"),
+                      "classifier fails its signature check.*extra.onnx"),
+    "the signatures removed": (lambda repo: [p.unlink() for p in repo.glob("*/model.sig")], "is not signed"),
+}
+
+
+@pytest.fixture(scope="module")
+def signed(tiny_run, tmp_path_factory):
+    """A signed repository (fused too) and its key pair, written once; tests tamper with copies."""
+    private, public = create_keys(tmp_path_factory.mktemp("signing"))
+    repo = write_repository(tiny_run[0], tmp_path_factory.mktemp("signed") / "repo", "cpu", ServingConfig(fused=True),
+                            signing_key=private)
+    return repo, public
+
+
+@pytest.mark.parametrize("tamper", TAMPERS)
+def test_a_tampered_repository_is_refused_at_load_with_the_reason(signed, tamper, tmp_path):
+    import shutil
+
+    repo, public = signed
+    copy = shutil.copytree(repo, tmp_path / "repo")
+    change, reason = TAMPERS[tamper]
+    change(copy)
+    with pytest.raises(ServerError, match=reason):
+        TritonServer(copy, public_key=public).start()
+
+
+def test_a_repository_signed_with_another_key_is_refused(signed, tmp_path):
+    repo, _ = signed
+    _, other = create_keys(tmp_path / "other")
+    with pytest.raises(ServerError, match="fails its signature check"):
+        TritonServer(repo, public_key=other).start()
+
+
+def test_an_unsigned_server_still_refuses_to_guard_another_model(tiny_run, tmp_path):
+    repo = write_repository(tiny_run[0], tmp_path / "repo", "cpu", ServingConfig(fused=True))
+    perturbed_model(repo / "classifier" / "1" / "model.onnx")  # what the ensemble's detector guards
+    with pytest.raises(ServerError, match="refusing to guard another model"):
         TritonServer(repo).start()
 
 

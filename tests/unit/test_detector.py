@@ -106,3 +106,16 @@ def test_the_served_detector_draws_from_the_os_csprng_on_every_request(bank_dir,
     np.testing.assert_array_equal(draw(detector), draw(ServedDetector(bank_dir, SHA)))
     monkeypatch.undo()
     assert not np.array_equal(draw(detector), draw(detector))
+
+
+def test_the_served_detector_hashes_the_model_it_guards_instead_of_trusting_a_recorded_hash(bank_dir, tmp_path):
+    import hashlib
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"another model")
+    with pytest.raises(FingerprintError, match="refusing to guard another model"):
+        ServedDetector(bank_dir, SHA, served_model=model)  # the config and the bank agree; the file does not
+    bank = Bank.load(bank_dir)
+    sha = hashlib.sha256(b"another model").hexdigest()
+    bank.with_meta(model_sha256=sha).save(bank_dir)
+    assert ServedDetector(bank_dir, sha, served_model=model).bank.meta["model_sha256"] == sha

@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.onnx_runtime import image_problem, ort_session
+from model_repository.signing import verify_if_required
 
 OUTPUTS = ("logits", "activations")
 
@@ -22,6 +23,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0"))
+        verify_if_required(Path(args["model_repository"]))  # a signed repository: this folder unchanged
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
 

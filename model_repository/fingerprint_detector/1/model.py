@@ -42,10 +42,11 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        classifier = Path(args["model_repository"]).parent / "classifier" / "1" / "model.onnx"  # the ensemble's step 1
         self.detector = ServedDetector(Path(args["model_repository"]) / args["model_version"] / "bank",
-                                 params["model_sha256"], float(params.get("false_positive_rate", "0.01")),
-                                 gpu=args.get("model_instance_kind") == "GPU",
-                                 device_id=int(args.get("model_instance_device_id", "0")))
+                                       params["model_sha256"], float(params.get("false_positive_rate", "0.01")),
+                                       gpu=args.get("model_instance_kind") == "GPU",
+                                       device_id=int(args.get("model_instance_device_id", "0")), served_model=classifier)
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
         self.audit = params.get("audit") == "true"
 

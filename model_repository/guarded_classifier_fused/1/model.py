@@ -28,10 +28,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version = Path(args["model_repository"]) / args["model_version"]
+        # signature and model hash first: nothing of the folder is parsed before it is verified
+        self.detector = ServedDetector(version / "bank", params["model_sha256"],
+                                       float(params.get("false_positive_rate", "0.01")), served_model=version / "model.onnx")
         self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
                                    providers=["CPUExecutionProvider"])
-        self.detector = ServedDetector(version / "bank", params["model_sha256"],
-                                 float(params.get("false_positive_rate", "0.01")))
         self.metrics = DetectorMetrics(pb_utils, args["model_name"])
         self.audit = params.get("audit") == "true"
 

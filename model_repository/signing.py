@@ -1,0 +1,96 @@
+"""Signing a model repository and verifying it at load, with OpenSSF's ``model-signing``.
+
+Each model folder (``<repository>/<model>``: its ``config.pbtxt`` with the served false-positive rate,
+and its version folders with the ONNX model, the bank with its calibration and the model's code) is
+signed as one unit with an elliptic-curve key (``model_signing``'s local-key signer: no network, no
+Sigstore); the signature lies beside the files as ``model.sig``. The private
+key stays outside the repository (by default ``<out>/signing/``, written by ``nfp serve``); the server
+gets only the public key, through the environment variable :data:`PUBLIC_KEY_ENV` that the launcher
+(:class:`model_repository.server.TritonServer`) sets, never through a file inside the repository. Each
+detecting model verifies its own folder in ``initialize`` (:class:`model_repository.serving.ServedDetector`)
+and refuses to load on any difference: a changed, added or removed file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kernels.errors import FingerprintError
+
+SIGNATURE = "model.sig"
+
+PUBLIC_KEY_ENV = "NFP_PUBLIC_KEY"
+
+
+class SignatureError(FingerprintError):
+    """A model folder is unsigned, or its signature does not match its files or the key."""
+
+
+def create_keys(directory: Path) -> tuple[Path, Path]:
+    """A new P-256 key pair in ``directory`` (``private.pem``, readable by the owner only, and
+    ``public.pem``); returns their paths."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = directory / "private.pem", directory / "public.pem"
+    private.touch(mode=0o600)
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _hashing(model: Path):
+    """Hash every file of the model folder but the signature and the bytecode Python writes into a
+    version folder when Triton imports its ``model.py``."""
+    from model_signing import hashing
+
+    ignored = [SIGNATURE] + [f"{v.name}/__pycache__" for v in Path(model).iterdir() if v.is_dir()]
+    return hashing.Config().set_ignored_paths(paths=ignored)
+
+
+def sign_model(model: Path, private_key: Path) -> Path:
+    """Sign the model folder ``model``; returns the signature's path."""
+    from model_signing import signing
+
+    signature = Path(model) / SIGNATURE
+    signing.Config().use_elliptic_key_signer(private_key=str(private_key)).set_hashing_config(_hashing(model)).sign(
+        model, signature)
+    return signature
+
+
+def sign_repository(repository: Path, private_key: Path) -> list[Path]:
+    """Sign every model folder of ``repository``; returns the signatures' paths."""
+    return [sign_model(m, private_key) for m in sorted(Path(repository).iterdir()) if (m / "config.pbtxt").is_file()]
+
+
+def verify_model(model: Path, public_key: Path) -> None:
+    """Raise :class:`SignatureError` naming what differs unless the model folder ``model`` is signed by
+    ``public_key``'s key and unchanged since (paths in the message relative to the repository)."""
+    from model_signing import verifying
+
+    model = Path(model)
+    if not (model / SIGNATURE).is_file():
+        raise SignatureError(f"model {model.name} is not signed (no {SIGNATURE}); this server loads signed models only")
+    try:
+        verifying.Config().use_elliptic_key_verifier(public_key=str(public_key)).set_hashing_config(
+            _hashing(model)).verify(model, model / SIGNATURE)
+    except Exception as e:  # model_signing raises ValueError for mismatches, others for a bad signature file
+        detail = str(e).replace(str(model.parent) + os.sep, "")
+        raise SignatureError(f"model {model.name} fails its signature check: {detail[:500]}") from None
+
+
+def verify_if_required(model: Path) -> bool:
+    """Verify the model folder ``model`` when the server was started with a public key
+    (:data:`PUBLIC_KEY_ENV`); returns whether it was verified."""
+    key = os.environ.get(PUBLIC_KEY_ENV)
+    if not key:
+        return False
+    if not Path(key).is_file():
+        raise SignatureError(f"the public key named by {PUBLIC_KEY_ENV} does not exist")
+    verify_model(model, Path(key))
+    return True
