@@ -42,9 +42,10 @@ REQUESTED = {BASELINE: ["logits"]}
 
 
 @contextlib.contextmanager
-def image_input(url: str, images: np.ndarray, shared_memory: bool):
+def image_input(url: str, images: np.ndarray, shared_memory: bool, headers: dict[str, str] | None = None):
     """The ``images`` input tensor, its bytes in each request or, registered once with the server at
-    ``url``, in a system shared-memory region that every request points to."""
+    ``url`` (shared memory is a restricted protocol: ``headers`` carry the admin key), in a system
+    shared-memory region that every request points to."""
     import tritonclient.grpc as grpcclient
 
     tensor = grpcclient.InferInput("images", list(images.shape), "FP32")
@@ -59,11 +60,11 @@ def image_input(url: str, images: np.ndarray, shared_memory: bool):
     client = grpcclient.InferenceServerClient(url)
     try:
         shm.set_shared_memory_region(region, [np.ascontiguousarray(images)])
-        client.register_system_shared_memory(name, "/" + name, images.nbytes)
+        client.register_system_shared_memory(name, "/" + name, images.nbytes, headers=headers)
         tensor.set_shared_memory(name, images.nbytes)
         yield tensor
     finally:
-        client.unregister_system_shared_memory(name)
+        client.unregister_system_shared_memory(name, headers=headers)
         client.close()
         shm.destroy_shared_memory_region(region)
 
@@ -128,7 +129,8 @@ def run(repository: Path, batches, concurrencies, window_s: float, warmup_s: flo
         with DetectorClient(server.grpc_url) as client:
             shape = client.input_shape()
         for batch in batches:
-            with image_input(server.grpc_url, rng.random((batch, *shape), dtype=np.float32), shared_memory) as tensor:
+            with image_input(server.grpc_url, rng.random((batch, *shape), dtype=np.float32), shared_memory,
+                             server.admin_headers) as tensor:
                 points += measure_batch(server, models, tensor, batch, concurrencies, window_s, warmup_s, rounds)
     return {"points": points, "window_s": window_s, "warmup_s": warmup_s, "rounds": rounds,
             "repository": str(repository), "shared_memory": shared_memory, "ratios": ratios(points)}

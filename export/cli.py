@@ -427,7 +427,7 @@ def serve(args: argparse.Namespace) -> None:
     import signal
     import time
 
-    from model_repository.server import TritonServer
+    from model_repository.server import ADMIN_HEADER, RESTRICTED, TritonServer
     from model_repository.writer import ServingConfig, write_repository
 
     cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused, queue_delay_us=args.queue_delay_us,
@@ -444,6 +444,9 @@ def serve(args: argparse.Namespace) -> None:
         server.start()
         models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")
         print(f"serving {models}: gRPC {server.grpc_url}, metrics {server.metrics_url}; Ctrl-C stops", file=sys.stderr)
+        print(f"admin protocols ({', '.join(RESTRICTED)}) need the header {ADMIN_HEADER} (over gRPC: "
+              f"triton-grpc-protocol-{ADMIN_HEADER}): {server.admin_key}",
+              file=sys.stderr)
         while server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:

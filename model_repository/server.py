@@ -34,6 +34,9 @@ from kernels.errors import FingerprintError
 from model_repository.signing import PUBLIC_KEY_ENV
 
 READY_TIMEOUT_S = 120
+# Triton's non-inference protocols that change or reveal the server: callable only with the admin key header
+RESTRICTED = ("shared-memory", "model-repository", "statistics", "trace", "logging")
+ADMIN_HEADER = "nfp-admin-key"
 
 
 class ServerError(FingerprintError):
@@ -74,11 +77,17 @@ class TritonServer:
         public_key: the key the repository was signed with (:mod:`model_repository.signing`); with it,
             every detecting model refuses to load unless its folder is signed by that key and unchanged.
             It reaches the models through the environment, never through the repository.
+        admin_key: the value of the :data:`ADMIN_HEADER` header without which Triton refuses the
+            :data:`RESTRICTED` protocols (gRPC and HTTP); default a fresh random one per server
+            (:attr:`admin_headers`). Inference, health, metadata and model configs stay open.
     """
 
     def __init__(self, repository: Path, grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0,
-                 verbose: bool = False, public_key: Path | None = None) -> None:
+                 verbose: bool = False, public_key: Path | None = None, admin_key: str | None = None) -> None:
+        import secrets
+
         self.repository = Path(repository).resolve()
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
         self.public_key = Path(public_key).resolve() if public_key is not None else None
         if self.public_key is not None and not self.public_key.is_file():
             raise ServerError(f"public key {public_key} not found")
@@ -89,6 +98,12 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.log_lines: list[str] = []
         self._workdir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """gRPC headers that open the restricted protocols (``headers=`` of tritonclient's gRPC calls;
+        Triton expects the key under ``triton-grpc-protocol-<name>``; over HTTP the header is the bare name)."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
 
     @property
     def grpc_url(self) -> str:
@@ -133,7 +148,9 @@ class TritonServer:
                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
                "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
-               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+               f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_HEADER}={self.admin_key}",
+               f"--http-restricted-api={','.join(RESTRICTED)}:{ADMIN_HEADER}={self.admin_key}"]
         self.process = subprocess.Popen(cmd, env=self._environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, start_new_session=True, preexec_fn=_die_with_parent)
         threading.Thread(target=self._pump, daemon=True).start()

@@ -239,6 +239,32 @@ def test_an_unsigned_server_still_refuses_to_guard_another_model(tiny_run, tmp_p
         TritonServer(repo).start()
 
 
+def test_admin_protocols_need_the_key_header_and_inference_does_not(server, mnist_subset):
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    anonymous = grpcclient.InferenceServerClient(server.grpc_url)
+    for call in (lambda c, h: c.update_log_settings({"log_verbose_level": 1}, headers=h),
+                 lambda c, h: c.register_system_shared_memory("nfp_probe", "/nfp_probe", 64, headers=h),
+                 lambda c, h: c.get_inference_statistics(headers=h),
+                 lambda c, h: c.get_model_repository_index(headers=h)):
+        with pytest.raises(InferenceServerException, match="protocol is restricted"):
+            call(anonymous, None)
+        with pytest.raises(InferenceServerException, match="protocol is restricted"):
+            call(anonymous, {"triton-grpc-protocol-nfp-admin-key": "wrong"})
+    assert anonymous.get_model_repository_index(headers=server.admin_headers)
+    assert anonymous.get_inference_statistics(headers=server.admin_headers)
+    http = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    with pytest.raises(InferenceServerException):
+        http.update_log_settings({"log_verbose_level": 1})
+    assert http.get_model_repository_index(headers={"nfp-admin-key": server.admin_key}) is not None
+    http.close()
+    with DetectorClient(server.grpc_url) as client:  # inference, health, metadata and configs stay open
+        assert client.detect(mnist_subset[0][:2]).label.shape == (2,) and client.detector_parameters()
+    anonymous.close()
+
+
 def test_a_server_written_without_audit_keeps_its_draws_secret(tiny_run, mnist_subset, tmp_path):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
