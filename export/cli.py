@@ -113,7 +113,12 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=int, default=d.keep, help="fingerprints kept per class (default: %(default)s)")
     p.add_argument("--search-method", choices=["auto", "covariance", "gather"], default=d.method,
                    help="how subset statistics are computed (default: %(default)s)")
-    p.add_argument("--search-seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--search-seed", type=int, default=d.seed,
+                   help="seed of the candidates; a secret one keeps a 5-neuron bank secret, not a 1-neuron one "
+                        "(README, white-box section) (default: %(default)s)")
+    p.add_argument("--max-correlation", type=float,
+                   help="keep each class's fingerprints apart: strongest first, layers in turn, |r| on attacked "
+                        "data at most this (0.5 measured best against the adaptive attacker; default: off)")
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
@@ -251,7 +256,8 @@ def _search(args, ws, progress):
     from kernels.fingerprint_search import SearchConfig
 
     config = SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
-                          keep=args.keep, method=args.search_method, seed=args.search_seed)
+                          keep=args.keep, method=args.search_method, seed=args.search_seed,
+                          max_correlation=args.max_correlation)
     return pipeline.search(ws, config, progress)
 
 

@@ -12,10 +12,12 @@ calibrated on the clean calibration split; they differ in how the server's bank 
   far more of the bank (single neurons are nearly all tried by any seed).
 - ``decorrelated``: from a pool of ten times the bank, each class keeps fingerprints greedily, strongest
   first and taking the layers in turn, whose values on the attacked fit images correlate with every one
-  kept before by at most :data:`MAX_CORRELATION` (item 2).
+  kept before by at most :data:`MAX_CORRELATION` (item 2; :func:`kernels.fingerprint_search.decorrelate`,
+  ``nfp search --max-correlation``).
 - ``hardened``: rounds of detector-aware attacks (:func:`export.adaptive_attack.eot_pgd`) on fit-split
   images against the current bank; the images that fool the classifier join the bank's attacked data
   and the bank is searched again (item 3). Never on the test images the experiment attacks.
+- ``decorrelated-hardened``: both (item 5).
 
 A robust base (item 4) is a workspace whose classifier was trained with ``nfp train --adversarial-eps``:
 run the experiment there.
@@ -78,6 +80,7 @@ class FitData:
                    len(prepared["class_names"]), meta)
 
     def search(self, config: SearchConfig, extra_attacked: Observations | None = None) -> Bank:
+        """The bank searched on the fit split (and ``extra_attacked`` rows)."""
         attacked = self.attacked
         if extra_attacked is not None and len(extra_attacked):
             attacked = Observations(np.concatenate([attacked.labels, extra_attacked.labels]),
@@ -92,42 +95,6 @@ class FitData:
         return detector
 
 
-def fingerprint_values(acts: np.ndarray, bank: Bank, rows: np.ndarray) -> np.ndarray:
-    """``(N, len(rows))`` the values (subset means) of the bank's fingerprints ``rows`` on ``acts``."""
-    idx = bank.indices[rows]
-    mask = np.arange(idx.shape[1])[None, :] < bank.lengths[rows][:, None]
-    return (acts[:, np.minimum(idx, bank.num_neurons - 1)] * mask).sum(-1) / bank.lengths[rows]
-
-
-def decorrelated(pool: Bank, attacked: Observations, layout: ActivationLayout, keep: int,
-                 max_correlation: float = MAX_CORRELATION) -> Bank:
-    """Per class, up to ``keep`` fingerprints of ``pool``, strongest first with the layers taken in turn,
-    each correlating (|Pearson r| of values on the attacked fit images of that class) at most
-    ``max_correlation`` with every fingerprint kept before."""
-    starts = np.array([s.offset for s in layout.slices])
-    chosen = []
-    for c in range(pool.num_classes):
-        rows = np.arange(pool.class_offsets[c], pool.class_offsets[c + 1])
-        rows = rows[np.argsort(-np.abs(pool.cohen_d[rows]), kind="stable")]
-        values = fingerprint_values(np.asarray(attacked.acts)[attacked.labels == c], pool, rows)
-        values = (values - values.mean(0)) / np.maximum(values.std(0), 1e-12)
-        corr = np.abs(values.T @ values) / max(len(values), 1)
-        layer = np.searchsorted(starts, pool.indices[rows, 0], side="right") - 1
-        queues = [list(np.flatnonzero(layer == i)) for i in range(len(starts))]
-        kept: list[int] = []
-        while len(kept) < keep and any(queues):
-            for q in queues:
-                while q:
-                    j = q.pop(0)
-                    if not kept or corr[j, kept].max() <= max_correlation:
-                        kept.append(j)
-                        break
-                if len(kept) == keep:
-                    break
-        chosen.append(rows[np.array(kept, np.int64)])
-    return pool.take(chosen)
-
-
 def bank_overlap(a: Bank, b: Bank) -> float:
     """Share of ``a``'s fingerprints (as neuron sets, within their class) that ``b`` also holds."""
     same = 0
@@ -138,11 +105,11 @@ def bank_overlap(a: Bank, b: Bank) -> float:
     return same / max(a.num_fingerprints, 1)
 
 
-def harden(ws: Workspace, data: FitData, bank: Bank, m: int, fpr: float, rounds: int, count: int, eps: float,
-           steps: int, seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
+def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: int, fpr: float, rounds: int,
+           count: int, eps: float, steps: int, seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
     """``rounds`` of: attack ``count`` correctly classified fit-split images with the detector-aware PGD at
     ``eps`` (``steps`` per configuration) against the current fused detector, add the misclassified results (labelled with their
-    predicted class) to the attacked fit data, search again. Returns the last bank and per round how
+    predicted class) to the attacked fit data, search again with ``config``. Returns the last bank and per round how
     many attacked images joined and how many of them the attacked detector's expectation passed."""
     from export.activations import capture_activations
     from export.adaptive_attack import EOTConfig, ExpectedDetector, eot_pgd
@@ -153,7 +120,6 @@ def harden(ws: Workspace, data: FitData, bank: Bank, m: int, fpr: float, rounds:
     layout = ActivationLayout.from_json(bank.meta["layout"])
     rng = np.random.default_rng(seed)
     fit = rng.permutation(correctly_classified(model, ds, splits.fit))[:count]
-    config = SearchConfig(**bank.meta["search"])
     extra: Observations | None = None
     history = []
     for r in range(rounds):
@@ -177,6 +143,7 @@ DEFENCES: dict[str, str] = {
     "secret-k5": "5-neuron fingerprints searched with a secret seed; the attacker attacks its own",
     "decorrelated": f"fingerprints kept for |r| <= {MAX_CORRELATION} on attacked data, layers in turn",
     "hardened": "rounds of detector-aware attacks on fit images added to the bank's data",
+    "decorrelated-hardened": "both",
 }
 
 
@@ -215,12 +182,13 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening 
         attacker_bank = data.search(SearchConfig(**{**k5.to_json(), "seed": ATTACKER_SEED}))
         return Defence(name, fused(server_bank), fused(attacker_bank),
                        {"attacker_bank_overlap": round(bank_overlap(server_bank, attacker_bank), 3)})
-    if name == "decorrelated":
+    if name.startswith("decorrelated"):
         layout = ActivationLayout.from_json(stored.meta["layout"])
-        pool = data.search(SearchConfig(**{**base.to_json(), "keep": 10 * base.keep}))
-        detector = fused(decorrelated(pool, data.attacked, layout, base.keep))
-        return Defence(name, detector, detector, {"fingerprints": int(detector.members["vote"].bank.num_fingerprints)})
-    bank, history = harden(ws, data, stored, m, fpr, hardening.rounds, hardening.count, hardening.eps,
-                           hardening.steps, seed, progress)
+        base = SearchConfig(**{**base.to_json(), "max_correlation": MAX_CORRELATION,
+                               "layer_starts": tuple(s.offset for s in layout.slices)})
+    bank, notes = data.search(base) if name.startswith("decorrelated") else stored, {}
+    if name.endswith("hardened"):
+        bank, notes["rounds"] = harden(ws, data, bank, base, m, fpr, hardening.rounds, hardening.count, hardening.eps,
+                                       hardening.steps, seed, progress)
     detector = fused(bank)
-    return Defence(name, detector, detector, {"rounds": history})
+    return Defence(name, detector, detector, {**notes, "fingerprints": int(bank.num_fingerprints)})

@@ -258,6 +258,7 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     started = time.time()
     _, _, meta = load_prepared(ws)
     layout = ActivationLayout.load(ws.require(ws.activations / "layout.json", "capture"))
+    config = replace(config, layer_starts=tuple(s.offset for s in layout.slices))
     clean, clean_meta = load_activation_set(ws, "fit_clean", mmap=False)
     attacked, attacked_meta = load_activation_set(ws, "fit_attacked", mmap=False)
     per_class = search_fingerprints(clean, clean_meta["label"], attacked, attacked_meta["label"],

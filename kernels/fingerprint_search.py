@@ -54,6 +54,10 @@ class SearchConfig:
         chunk: candidates evaluated at once (bounds memory: ``chunk * N`` floats on the gather path).
         method: ``"auto"``, ``"covariance"`` or ``"gather"``.
         seed: seed of the candidate draws.
+        max_correlation: if set, each class keeps its fingerprints from a pool of ``10 * keep``
+            strongest, greedily (:func:`decorrelate`): strongest first, the layers in turn, each
+            correlating with every one kept before by at most this |r| on the class's attacked rows.
+        layer_starts: first activation column of each captured layer (for the layers-in-turn rule).
     """
 
     # Single neurons, the 300 strongest per class: on MNIST-5k they caught small-eps L-inf attacks
@@ -67,6 +71,8 @@ class SearchConfig:
     chunk: int = 8192
     method: str = "auto"
     seed: int = 0
+    max_correlation: float | None = None
+    layer_starts: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         k = (self.k,) if isinstance(self.k, int) else tuple(int(v) for v in self.k)
@@ -77,6 +83,9 @@ class SearchConfig:
             raise InvalidInputError(f"candidates, keep and chunk must be positive: {self}")
         if not 0 < self.p_max <= 1 or self.d_min < 0:
             raise InvalidInputError(f"need 0 < p_max <= 1 and d_min >= 0, got {self.p_max}, {self.d_min}")
+        if self.max_correlation is not None and not 0 < self.max_correlation <= 1:
+            raise InvalidInputError(f"max_correlation must lie in (0, 1], got {self.max_correlation}")
+        object.__setattr__(self, "layer_starts", tuple(int(v) for v in self.layer_starts))
         if self.method not in ("auto", "covariance", "gather"):
             raise InvalidInputError(f"method must be auto, covariance or gather, got {self.method!r}")
 
@@ -214,6 +223,7 @@ def search_class(clean: np.ndarray, attacked: np.ndarray, config: SearchConfig, 
         return {"neurons": padded, "clean_mean": cm[ok], "clean_std": np.sqrt(cv[ok]),
                 "attacked_mean": am[ok], "attacked_std": np.sqrt(av[ok]), "cohen_d": d[ok], "p_value": p[ok]}
 
+    keep = config.keep * (DECORRELATION_POOL if config.max_correlation is not None else 1)
     best: dict[str, np.ndarray] | None = None
     passed = 0
     with ThreadPoolExecutor(THREADS) as pool:  # NumPy and SciPy release the GIL in these loops
@@ -221,12 +231,43 @@ def search_class(clean: np.ndarray, attacked: np.ndarray, config: SearchConfig, 
         for out in tqdm(pool.map(evaluate, draws), total=len(chunks), desc=desc, unit="chunk", disable=not progress):
             passed += len(out["cohen_d"])
             best = out if best is None else {key: np.concatenate([best[key], out[key]]) for key in out}
-            if len(best["cohen_d"]) > 2 * config.keep:  # keep memory bounded
-                best = _top(best, config.keep)
+            if len(best["cohen_d"]) > 2 * keep:  # keep memory bounded
+                best = _top(best, keep)
     assert best is not None
-    best = _top(best, config.keep)
+    best = _top(best, keep)
+    if config.max_correlation is not None and len(best["cohen_d"]):
+        values = np.stack([attacked[:, row[row >= 0]].mean(axis=1) for row in best["neurons"]], axis=1)
+        layers = np.searchsorted(np.asarray(config.layer_starts), best["neurons"][:, 0], side="right") - 1
+        best = {key: v[decorrelate(values, layers, config.keep, config.max_correlation)] for key, v in best.items()}
     return ClassFingerprints(neurons=[row[row >= 0] for row in best.pop("neurons")], **best,
                              tried=config.candidates, passed=passed)
+
+
+DECORRELATION_POOL = 10  # candidates per kept fingerprint that the decorrelated selection chooses from
+
+
+def decorrelate(values: np.ndarray, layers: np.ndarray, keep: int, max_correlation: float) -> np.ndarray:
+    """Positions of at most ``keep`` columns of ``values (N, F)`` (candidates ordered strongest first,
+    each of layer ``layers[f]``), chosen greedily: the layers take turns, each giving its strongest
+    candidate whose |Pearson r| with every column chosen before is at most ``max_correlation``.
+
+    Fingerprints that all separate the same clean and attacked sets move together, so a random draw
+    of them lands near their mean and an image that passes one passes most (issue 14); kept apart,
+    an attacker has to move many independent directions at once."""
+    z = (values - values.mean(axis=0)) / np.maximum(values.std(axis=0), 1e-12)
+    corr = np.abs(z.T @ z) / max(len(z), 1)
+    queues = [list(np.flatnonzero(layers == layer)) for layer in np.unique(layers)]
+    kept: list[int] = []
+    while len(kept) < keep and any(queues):
+        for q in queues:
+            while q:
+                j = q.pop(0)
+                if not kept or corr[j, kept].max() <= max_correlation:
+                    kept.append(j)
+                    break
+            if len(kept) == keep:
+                break
+    return np.array(kept, np.int64)
 
 
 def _top(rows: dict[str, np.ndarray], keep: int) -> dict[str, np.ndarray]:

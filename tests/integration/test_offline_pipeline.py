@@ -111,6 +111,30 @@ def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
                        weights=out / "classifier.pt", progress=False)
 
 
+def test_search_with_max_correlation_keeps_each_classs_fingerprints_apart(tiny_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from export.pipeline import load_activation_set
+    from export.workspace import Workspace
+    from kernels.bank import Bank
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    assert main(["search", "--out", str(out), "--candidates", "4000", "--keep", "40", "--max-correlation", "0.5"]) == 0
+    bank = Bank.load(out / "bank")
+    assert bank.meta["search"]["max_correlation"] == 0.5 and len(bank.meta["search"]["layer_starts"]) > 1
+    attacked, meta = load_activation_set(Workspace(out), "fit_attacked", mmap=False)
+    for c in range(bank.num_classes):
+        rows = range(bank.class_offsets[c], bank.class_offsets[c + 1])
+        if len(rows) < 2:
+            continue
+        values = np.stack([attacked[meta["label"] == c][:, bank.indices[f, : bank.lengths[f]]].mean(1) for f in rows])
+        r = np.corrcoef(values.astype(np.float64))
+        assert np.nanmax(np.abs(r[np.triu_indices(len(rows), 1)])) <= 0.5 + 1e-6
+
+
 def test_whitebox_command_attacks_every_defence_at_every_eps(tiny_run, tmp_path, capsys):
     import shutil
 

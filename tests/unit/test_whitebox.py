@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 
-from export.activations import ActivationLayout, LayerSlice
-from export.defences import bank_overlap, decorrelated, fingerprint_values
+from export.defences import bank_overlap
 from export.whitebox import bootstrap_mean, request_evasion, wilson
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import InvalidInputError
+from kernels.fingerprint_search import decorrelate
 
 
 class FlagsEvenTags(Detector):
@@ -60,40 +60,51 @@ def test_intervals_bracket_the_estimate():
     assert bootstrap_mean(np.ones(50), seed=0) == (1.0, 1.0)
 
 
-def correlated_pool() -> tuple[Bank, Observations, ActivationLayout]:
-    """One class, single-neuron fingerprints over two layers of 6 neurons; on the attacked rows neurons
-    0-3 are copies of one signal (plus tiny noise), the rest independent."""
+def correlated_pool() -> tuple[Bank, np.ndarray]:
+    """One class, 12 single-neuron fingerprints (strongest first) over two layers of 6 neurons; on the
+    attacked rows neurons 0-3 are copies of one signal (plus tiny noise), the rest independent."""
     rng = np.random.default_rng(0)
-    n = 300
-    acts = rng.normal(size=(n, 12)).astype(np.float32)
-    acts[:, 1:4] = acts[:, :1] + 0.01 * rng.normal(size=(n, 3))
-    d = np.array([5, 4.9, 4.8, 4.7, 1, 1, 3, 2.9, 2.8, 2.7, 2.6, 2.5], np.float32)
+    acts = rng.normal(size=(300, 12)).astype(np.float32)
+    acts[:, 1:4] = acts[:, :1] + 0.01 * rng.normal(size=(300, 3))
     f = 12
     bank = Bank(np.arange(f, dtype=np.int32)[:, None], np.ones(f, np.int32), np.zeros(f, np.float32),
-                np.ones(f, np.float32), np.ones(f, np.float32), np.ones(f, np.float32), d,
-                np.array([0, f], np.int64), {"num_neurons": 12})
-    layout = ActivationLayout([LayerSlice("a", "output", 0, 6, (6,)), LayerSlice("b", "output", 6, 6, (6,))])
-    return bank, Observations(np.zeros(n, np.int64), acts=acts), layout
+                np.ones(f, np.float32), np.ones(f, np.float32), np.ones(f, np.float32),
+                np.linspace(5, 2, f).astype(np.float32), np.array([0, f], np.int64), {"num_neurons": 12})
+    return bank, acts
 
 
-def test_decorrelated_bank_keeps_no_pair_above_the_limit_and_takes_the_layers_in_turn():
-    pool, attacked, layout = correlated_pool()
-    kept = decorrelated(pool, attacked, layout, keep=6, max_correlation=0.5)
-    neurons = kept.indices[:, 0].tolist()
-    assert neurons == [0, 6, 4, 7, 5, 8]  # strongest first, a then b; neurons 1-3 copy neuron 0
-    r = np.corrcoef(attacked.acts[:, neurons].T.astype(np.float64))
-    assert np.abs(r[np.triu_indices(len(neurons), 1)]).max() <= 0.5
-    np.testing.assert_allclose(fingerprint_values(attacked.acts, kept, np.arange(6)), attacked.acts[:, neurons])
+def test_decorrelation_keeps_no_pair_above_the_limit_and_takes_the_layers_in_turn():
+    _, acts = correlated_pool()
+    kept = decorrelate(acts, np.repeat([0, 1], 6), keep=6, max_correlation=0.5)
+    assert kept.tolist() == [0, 6, 4, 7, 5, 8]  # strongest first, layer a then b; neurons 1-3 copy neuron 0
+    r = np.corrcoef(acts[:, kept].T.astype(np.float64))
+    assert np.abs(r[np.triu_indices(len(kept), 1)]).max() <= 0.5
+
+
+def test_a_decorrelated_search_keeps_the_strongest_fingerprints_that_move_apart(make_rows):
+    from kernels.fingerprint_search import SearchConfig, search_class
+
+    (clean, cy), (attacked, ay) = make_rows(400, 0, False), make_rows(400, 1, True)
+    clean, attacked = clean[cy == 0], attacked[ay == 0]  # class 0: neurons 0-15 shifted when attacked
+    attacked[:, 1:8] = attacked[:, :1] + 0.05 * attacked[:, 1:8]  # neurons 0-7 move as one, 8-15 independently
+    cfg = SearchConfig(k=(1,), candidates=5000, keep=8)
+    plain = search_class(clean, attacked, cfg, seed=0)
+    apart = search_class(clean, attacked, SearchConfig(**{**cfg.to_json(), "max_correlation": 0.5}), seed=0)
+    chosen = np.concatenate(apart.neurons)
+    assert (np.concatenate(plain.neurons) < 8).sum() > 1
+    assert len(chosen) == 8 and (chosen < 8).sum() == 1  # of the 8 copies only one, the 8 independent ones kept
+    r = np.corrcoef(attacked[:, chosen].T.astype(np.float64))
+    assert np.abs(r[np.triu_indices(8, 1)]).max() <= 0.5
 
 
 def test_bank_overlap_counts_shared_neuron_sets_per_class():
-    pool, attacked, layout = correlated_pool()
+    pool, _ = correlated_pool()
     assert bank_overlap(pool, pool) == 1.0
     half = pool.take([np.arange(6)])
     assert bank_overlap(half, pool) == 1.0 and bank_overlap(pool, half) == 0.5
 
 
 def test_bank_take_refuses_rows_outside_their_class():
-    pool, _, _ = correlated_pool()
+    pool, _ = correlated_pool()
     with pytest.raises(InvalidInputError, match="each inside its class"):
         pool.take([np.array([0, 12])])
