@@ -79,16 +79,18 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
     clean, attacked = Observations(fit_meta["label"], acts=fit_acts), Observations(att_meta["label"], acts=att_acts)
     banks: dict[Any, Bank] = {}
 
-    def bank(k: tuple[int, ...], keep: int, stratified: bool = False) -> Bank:
-        key = (k, keep, stratified)
+    def bank(k: tuple[int, ...], keep: int, stratified: bool = False, max_correlation: float | None = None) -> Bank:
+        key = (k, keep, stratified, max_correlation)
         if key not in banks:
-            cfg = SearchConfig(k=k, candidates=candidates, keep=keep)
+            cfg = SearchConfig(k=k, candidates=candidates, keep=keep, max_correlation=max_correlation,
+                               layer_starts=tuple(s.offset for s in layout.slices))
             banks[key] = (layer_stratified_bank(clean, attacked, layout, num_classes, cfg) if stratified else
                           FingerprintDetector(draws=RandomDraws(m)).fit(clean, attacked, cfg, num_classes).bank)
         return banks[key]
 
-    def fingerprints(k=(1,), keep=300, per_class=False, method="lrt", stratified=False):
-        return lambda: FingerprintDetector(bank(k, keep, stratified), RandomDraws(m), method, per_class=per_class)
+    def fingerprints(k=(1,), keep=300, per_class=False, method="lrt", stratified=False, max_correlation=None):
+        return lambda: FingerprintDetector(bank(k, keep, stratified, max_correlation), RandomDraws(m), method,
+                                           per_class=per_class)
 
     last = layout.slices[-1]
     mahalanobis = lambda: Mahalanobis(slice(last.offset, last.offset + last.size)).fit(clean)  # noqa: E731
@@ -98,6 +100,8 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
     return {
         "default: min-p(fingerprints k=1 vote, margin)": fuse(vote=fingerprints(method="vote"), margin=LogitMargin),
         "Fisher(fingerprints k=1 vote, margin)": fuse("fisher", vote=fingerprints(method="vote"), margin=LogitMargin),
+        "min-p(decorrelated fingerprints |r|<=0.5 vote, margin)": fuse(
+            vote=fingerprints(method="vote", max_correlation=0.5), margin=LogitMargin),
         "min-p(fingerprints k=1 vote, margin, Mahalanobis)": fuse(vote=fingerprints(method="vote"),
                                                                   margin=LogitMargin, mahalanobis=mahalanobis),
         "min-p(fingerprints k=1 LRT, margin)": fuse(lrt=fingerprints(), margin=LogitMargin),
