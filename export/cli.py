@@ -121,6 +121,19 @@ def _add_search(p: argparse.ArgumentParser) -> None:
                         "data at most this (0.5 measured best against the adaptive attacker; default: off)")
 
 
+def _add_harden(p: argparse.ArgumentParser) -> None:
+    from export.defences import Hardening
+
+    d = Hardening()
+    p.add_argument("--rounds", type=int, default=d.rounds, help="attack-and-search rounds (default: %(default)s)")
+    p.add_argument("--count", type=int, default=d.count, help="fit images attacked per round (default: %(default)s)")
+    p.add_argument("--eps", type=float, default=d.eps, help="L-inf budget of the attacks (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="PGD steps per attack configuration (default: %(default)s)")
+    p.add_argument("--fpr", type=float, default=0.01,
+                   help="false-positive rate the attacked detector is calibrated at (default: %(default)s)")
+    p.add_argument("--harden-seed", type=int, default=2, help="(default: %(default)s)")
+
+
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
     from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M
     from kernels.calibration import DEFAULT_FPRS
@@ -251,6 +264,13 @@ def _capture(args, ws, progress):
     return {"layers": layout.layers, "num_neurons": layout.num_neurons}
 
 
+def _harden(args, ws, progress):
+    from export.defences import Hardening, harden_bank
+
+    return harden_bank(ws, Hardening(args.rounds, args.count, args.eps, args.steps), args.fpr, args.harden_seed,
+                       progress)
+
+
 def _search(args, ws, progress):
     from export import pipeline
     from kernels.fingerprint_search import SearchConfig
@@ -346,6 +366,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
     "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],
                 _capture),
     "search": ("search each class's fingerprints and write the bank", [_add_out, _add_quiet, _add_search], _search),
+    "harden": ("rounds of detector-aware attacks on fit images added to the bank's data, then a new search "
+               "(after search; calibrate, export and serve again after it)", [_add_out, _add_quiet, _add_harden],
+               _harden),
     "calibrate": ("set detection thresholds on the calibration split", [_add_out, _add_quiet, _add_calibrate],
                   _calibrate),
     "evaluate": ("the evaluation report on the test split (JSON, Markdown, ROC plot)",

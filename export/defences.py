@@ -24,7 +24,7 @@ run the experiment there.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -134,6 +134,26 @@ def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: in
         bank = data.search(config, extra)
         history.append({"round": r + 1, "added": int(fooled.sum()), "passed_expected": int((result.rating > 0).sum())})
     return bank, history
+
+
+def harden_bank(ws: Workspace, hardening: Hardening, fpr: float = 0.01, seed: int = 2,
+                progress: bool = False) -> dict[str, Any]:
+    """``nfp harden``: :func:`harden` the workspace's bank with its own search settings and write it back
+    (uncalibrated: run ``nfp calibrate`` again)."""
+    import time
+
+    from kernels.detector import DEFAULT_M
+
+    started = time.time()
+    stored = Bank.load(bank_dir(ws))
+    data = FitData.load(ws)
+    bank, history = harden(ws, data, stored, SearchConfig(**stored.meta["search"]),
+                           int(stored.meta.get("draws_per_input", DEFAULT_M)), fpr, hardening.rounds, hardening.count,
+                           hardening.eps, hardening.steps, seed, progress)
+    bank = bank.with_meta(hardening={**asdict(hardening), "fpr": fpr, "seed": seed, "rounds_done": history})
+    files = list(bank.save(bank_dir(ws)))
+    ws.record("harden", {**asdict(hardening), "fpr": fpr, "seed": seed}, files, started, {"rounds": history})
+    return {"rounds": history, "fingerprints": int(bank.num_fingerprints)}
 
 
 DEFENCES: dict[str, str] = {

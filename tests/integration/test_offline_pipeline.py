@@ -50,7 +50,7 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
     assert "run `nfp prepare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "calibrate", "evaluate",
+@pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "harden", "calibrate", "evaluate",
                                      "export", "serve", "predict", "whitebox", "demo", "study", "synthetic-bank", "pipeline"])
 def test_every_subcommand_explains_itself_and_each_of_its_options_is_read(command, capsys):
     """A flag the code never reads would be a lie in --help: every option's value must be read as
@@ -133,6 +133,23 @@ def test_search_with_max_correlation_keeps_each_classs_fingerprints_apart(tiny_r
         values = np.stack([attacked[meta["label"] == c][:, bank.indices[f, : bank.lengths[f]]].mean(1) for f in rows])
         r = np.corrcoef(values.astype(np.float64))
         assert np.nanmax(np.abs(r[np.triu_indices(len(rows), 1)])) <= 0.5 + 1e-6
+
+
+def test_harden_command_adds_detector_aware_attacks_to_the_bank_data_and_asks_for_a_new_calibration(tiny_run, tmp_path):
+    import shutil
+
+    from kernels.bank import Bank
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    before = Bank.load(out / "bank")
+    assert main(["harden", "--out", str(out), "--rounds", "1", "--count", "12", "--steps", "3", "--quiet"]) == 0
+    after = Bank.load(out / "bank")
+    (round_,) = after.meta["hardening"]["rounds_done"]
+    assert round_["added"] > 0 and "calibration" not in after.meta
+    assert after.meta["search"] == before.meta["search"] and after.meta["model_sha256"] == before.meta["model_sha256"]
+    assert not np.array_equal(after.cohen_d, before.cohen_d)  # the bank was searched again on more attacked rows
+    assert main(["calibrate", "--out", str(out), "--quiet"]) == 0 and "calibration" in Bank.load(out / "bank").meta
 
 
 def test_whitebox_command_attacks_every_defence_at_every_eps(tiny_run, tmp_path, capsys):
