@@ -7,7 +7,6 @@ any normalisation belongs inside the model so that attacks and serving see the s
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels.bank import sha256_file
 from kernels.errors import InvalidInputError, ModelMismatchError
 
 
@@ -122,14 +122,6 @@ def load_factory(path: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         raise InvalidInputError(f"{module_name!r} has no callable {attr!r}")
     return factory
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, spec: ClassifierSpec, weights: Path, extra: dict[str, Any] | None = None) -> None:

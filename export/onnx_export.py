@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from export.activations import ActivationLayout, recorded
-from export.models import sha256_file
+from kernels.bank import sha256_file
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.onnx_runtime import ort_session
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from export.models import sha256_file
+from kernels.bank import sha256_file
 from kernels.errors import InvalidInputError
 
 

@@ -16,6 +16,7 @@ calibration).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,15 @@ from kernels.errors import InvalidInputError, ModelMismatchError
 FORMAT_VERSION = 1
 ARRAYS = ("indices", "lengths", "clean_mean", "clean_std", "attacked_mean", "attacked_std", "cohen_d", "class_offsets")
 MIN_STD = 1e-6  # floor of the Gaussians' std: a constant fingerprint must not give infinite likelihoods
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file (a bank is bound to its model's), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

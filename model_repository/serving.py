@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.bank import Bank
+from kernels.bank import Bank, sha256_file
 from kernels.detector import Observations, Verdicts, served_detector
 from kernels.errors import FingerprintError
 from kernels.scoring import check_activations, secure_rng
@@ -47,16 +47,6 @@ def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
              "score": score[a:b, None], "is_attacked": verdicts.is_attacked[a:b, None],
              "checked": verdicts.checked[a:b, None], **({"fingerprint_ids": verdicts.draws[a:b]} if audit else {})}
             for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class DetectorMetrics:
@@ -97,7 +87,7 @@ class ServedDetector:
 
         self.verified = verify_if_required(Path(bank_dir).parent.parent)  # <model>/<version>/bank
         if served_model is not None:
-            actual = file_sha256(served_model)
+            actual = sha256_file(served_model)
             if actual != model_sha256:
                 raise FingerprintError(f"the served model.onnx has sha256 {actual}, the repository was written for "
                                        f"{model_sha256}: refusing to guard another model")

@@ -38,7 +38,7 @@ def test_main_job_runs_every_stage_and_records_a_manifest(tiny_run):
     assert (out / "report" / "roc.png").stat().st_size > 10_000
     assert "| fgsm_eps0.3 |" in (out / "report" / "evaluation.md").read_text()
 
-    from export.models import sha256_file
+    from kernels.bank import sha256_file
     from kernels.bank import Bank
 
     assert report["export"]["max_abs_diff_activations"] <= 1e-4
