@@ -64,9 +64,9 @@ class ExpectedDetector(nn.Module):
     fingerprint and logit-margin members, or one such member alone.
 
     :meth:`forward` gives, per input and member, the expected standardized score over the detector's
-    random draws (for the vote a sigmoid-smoothed one with ``soft=True``, the exact expectation with
-    ``soft=False``) and its standard deviation over draws; :attr:`thresholds` ``(C, M)`` the score
-    below which that member makes the detector flag an input of class ``c``.
+    random draws (exact, or for the vote sigmoid-smoothed with a ``temperature``) and its standard
+    deviation over draws; :attr:`thresholds` ``(C, M)`` the score below which that member makes the
+    detector flag an input of class ``c``.
     """
 
     def __init__(self, detector: Detector, fpr: float) -> None:
@@ -75,13 +75,12 @@ class ExpectedDetector(nn.Module):
             members, per_member = detector.members, member_thresholds(detector, fpr)
         else:
             members, per_member = {detector.name: detector}, None
-        self.names = list(members)
-        self.members = list(members.values())
+        names, self.members = list(members), list(members.values())
         num_classes = max([m.bank.num_classes for m in self.members if isinstance(m, FingerprintDetector)] or [1])
         labels = np.arange(num_classes)
         self.thresholds = torch.tensor(np.stack(
             [np.full(num_classes, per_member[n]) if per_member else m.threshold(fpr, labels)
-             for n, m in zip(self.names, self.members)], axis=1), dtype=torch.float32)
+             for n, m in zip(names, self.members)], axis=1), dtype=torch.float32)
         self.banks = []
         for m in self.members:
             if isinstance(m, FingerprintDetector):
@@ -227,14 +226,14 @@ def eot_pgd(model: nn.Module, layout: ActivationLayout, copy: ExpectedDetector |
     for i, (weight, k, temperature) in enumerate(configs):
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
         adv = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * cfg.eps).clamp(0, 1)
-        for _ in range(cfg.steps + 1):
+        for done in range(cfg.steps + 1):
             adv.requires_grad_(True)
             logits, acts = wrapped(adv)
             with torch.no_grad():  # the iterate as it stands: keep it where it rates best so far
                 r = copy.rating(logits, acts, true) if copy is not None else misclassification(logits, true)
                 better = r > best_rating
                 best[better], best_rating[better], which[better] = adv.detach()[better], r[better], i
-            if _ == cfg.steps:
+            if done == cfg.steps:
                 break
             objective = misclassification(logits, true).clamp(max=cfg.kappa)
             if weight:

@@ -24,7 +24,7 @@ run the experiment there.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -35,6 +35,7 @@ from export.workspace import Workspace
 from kernels.bank import Bank
 from kernels.detector import (
     DEFAULT_CALIBRATION_REPEATS,
+    DEFAULT_M,
     Detector,
     FingerprintDetector,
     Observations,
@@ -81,10 +82,7 @@ class FitData:
 
     def search(self, config: SearchConfig, extra_attacked: Observations | None = None) -> Bank:
         """The bank searched on the fit split (and ``extra_attacked`` rows)."""
-        attacked = self.attacked
-        if extra_attacked is not None and len(extra_attacked):
-            attacked = Observations(np.concatenate([attacked.labels, extra_attacked.labels]),
-                                    acts=np.concatenate([attacked.acts, extra_attacked.acts]))
+        attacked = joined(self.attacked, extra_attacked)
         detector = FingerprintDetector(draws=RandomDraws(1)).fit(self.clean, attacked, config, self.num_classes,
                                                                  {**self.meta, "search": config.to_json()})
         return detector.bank
@@ -93,6 +91,13 @@ class FitData:
         detector = default_fusion(bank, m)
         detector.calibrate(self.calibration, (fpr,), DEFAULT_CALIBRATION_REPEATS, seed)
         return detector
+
+
+def joined(a: Observations, b: Observations | None) -> Observations:
+    """Labelled activation rows of ``a`` then ``b``."""
+    if b is None or not len(b):
+        return a
+    return Observations(np.concatenate([a.labels, b.labels]), acts=np.concatenate([a.acts, b.acts]))
 
 
 def bank_overlap(a: Bank, b: Bank) -> float:
@@ -105,12 +110,13 @@ def bank_overlap(a: Bank, b: Bank) -> float:
     return same / max(a.num_fingerprints, 1)
 
 
-def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: int, fpr: float, rounds: int,
-           count: int, eps: float, steps: int, seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
-    """``rounds`` of: attack ``count`` correctly classified fit-split images with the detector-aware PGD at
-    ``eps`` (``steps`` per configuration) against the current fused detector, add the misclassified results (labelled with their
-    predicted class) to the attacked fit data, search again with ``config``. Returns the last bank and per round how
-    many attacked images joined and how many of them the attacked detector's expectation passed."""
+def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: int, fpr: float, hardening: "Hardening",
+           seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
+    """``hardening.rounds`` of: attack ``hardening.count`` correctly classified fit-split images with the
+    detector-aware PGD at ``hardening.eps`` against the current fused detector, add the misclassified
+    results (labelled with their predicted class) to the attacked fit data, search again with ``config``.
+    Returns the last bank and per round how many attacked images joined and how many of them the
+    attacked detector's expectation passed."""
     from export.activations import capture_activations
     from export.adaptive_attack import EOTConfig, ExpectedDetector, eot_pgd
     from export.pipeline import correctly_classified, load_classifier
@@ -119,18 +125,18 @@ def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: in
     model = load_classifier(ws)
     layout = ActivationLayout.from_json(bank.meta["layout"])
     rng = np.random.default_rng(seed)
-    fit = rng.permutation(correctly_classified(model, ds, splits.fit))[:count]
+    fit = rng.permutation(correctly_classified(model, ds, splits.fit))[:hardening.count]
     extra: Observations | None = None
     history = []
-    for r in range(rounds):
+    for r in range(hardening.rounds):
         detector = data.fused(bank, m, fpr, seed)
-        attack = EOTConfig(eps, steps=steps, weights=(1.0, 10.0), spreads=(2.0,), temperatures=(1.0,), seed=seed + r)
+        attack = EOTConfig(hardening.eps, steps=hardening.steps, weights=(1.0, 10.0), spreads=(2.0,),
+                           temperatures=(1.0,), seed=seed + r)
         result = eot_pgd(model, layout, ExpectedDetector(detector, fpr), ds.x[fit], ds.y[fit], attack, progress)
         acts, _, logits = capture_activations(model, result.x_adv, layout.layers, progress=False, return_logits=True)
         fooled = logits.argmax(1) != ds.y[fit]
         new = Observations(logits.argmax(1)[fooled], acts=acts[fooled])
-        extra = new if extra is None else Observations(np.concatenate([extra.labels, new.labels]),
-                                                       acts=np.concatenate([extra.acts, new.acts]))
+        extra = new if extra is None else joined(extra, new)
         bank = data.search(config, extra)
         history.append({"round": r + 1, "added": int(fooled.sum()), "passed_expected": int((result.rating > 0).sum())})
     return bank, history
@@ -142,14 +148,11 @@ def harden_bank(ws: Workspace, hardening: Hardening, fpr: float = 0.01, seed: in
     (uncalibrated: run ``nfp calibrate`` again)."""
     import time
 
-    from kernels.detector import DEFAULT_M
-
     started = time.time()
     stored = Bank.load(bank_dir(ws))
     data = FitData.load(ws)
     bank, history = harden(ws, data, stored, SearchConfig(**stored.meta["search"]),
-                           int(stored.meta.get("draws_per_input", DEFAULT_M)), fpr, hardening.rounds, hardening.count,
-                           hardening.eps, hardening.steps, seed, progress)
+                           int(stored.meta.get("draws_per_input", DEFAULT_M)), fpr, hardening, seed, progress)
     bank = bank.with_meta(hardening={**asdict(hardening), "fpr": fpr, "seed": seed, "rounds_done": history})
     files = list(bank.save(bank_dir(ws)))
     ws.record("harden", {**asdict(hardening), "fpr": fpr, "seed": seed}, files, started, {"rounds": history})
@@ -185,7 +188,7 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening 
     if name not in DEFENCES:
         raise InvalidInputError(f"unknown defence {name!r}; choose from {', '.join(DEFENCES)}")
     stored = Bank.load(bank_dir(ws))
-    m = int(stored.meta.get("draws_per_input", 128))
+    m = int(stored.meta.get("draws_per_input", DEFAULT_M))
     data = FitData.load(ws)
     base = SearchConfig(**stored.meta["search"])
     fused: Callable[[Bank], Detector] = lambda bank: data.fused(bank, m, fpr, seed)  # noqa: E731
@@ -194,21 +197,19 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening 
         detector = served_detector(stored, fpr) if any(float(f) == fpr for f in stored_fprs) else fused(stored)
         return Defence(name, detector, detector)
     if name in ("secret", "secret-k5", "k5"):
-        k5 = SearchConfig(**{**base.to_json(), "k": (5,), "keep": 1000}) if "k5" in name else base
-        server_bank = data.search(SearchConfig(**{**k5.to_json(), "seed": SECRET_SEED if "secret" in name else 0}))
+        k5 = replace(base, k=(5,), keep=1000) if "k5" in name else base
+        server_bank = data.search(replace(k5, seed=SECRET_SEED if "secret" in name else 0))
         if name == "k5":
             detector = fused(server_bank)
             return Defence(name, detector, detector)
-        attacker_bank = data.search(SearchConfig(**{**k5.to_json(), "seed": ATTACKER_SEED}))
+        attacker_bank = data.search(replace(k5, seed=ATTACKER_SEED))
         return Defence(name, fused(server_bank), fused(attacker_bank),
                        {"attacker_bank_overlap": round(bank_overlap(server_bank, attacker_bank), 3)})
     if name.startswith("decorrelated"):
         layout = ActivationLayout.from_json(stored.meta["layout"])
-        base = SearchConfig(**{**base.to_json(), "max_correlation": MAX_CORRELATION,
-                               "layer_starts": tuple(s.offset for s in layout.slices)})
+        base = replace(base, max_correlation=MAX_CORRELATION, layer_starts=tuple(s.offset for s in layout.slices))
     bank, notes = data.search(base) if name.startswith("decorrelated") else stored, {}
     if name.endswith("hardened"):
-        bank, notes["rounds"] = harden(ws, data, bank, base, m, fpr, hardening.rounds, hardening.count, hardening.eps,
-                                       hardening.steps, seed, progress)
+        bank, notes["rounds"] = harden(ws, data, bank, base, m, fpr, hardening, seed, progress)
     detector = fused(bank)
     return Defence(name, detector, detector, {**notes, "fingerprints": int(bank.num_fingerprints)})

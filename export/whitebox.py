@@ -136,24 +136,20 @@ def score_attack(server: Detector, copy, result, model, layout, y: np.ndarray, c
         return Observations(logits.argmax(1), acts=acts, images=images, logits=logits)
 
     n = len(y)
-    kept = observe(result.x_adv)
+    candidates = [observe(images) for images in [result.x_adv, *result.pool]]  # the kept image first
+    kept = candidates[0]
     per_image = request_evasion(server, kept, y, cfg.draws, rng)
     always = int((per_image == 1).sum())
     # filter: per image the best-rated candidate of every configuration's result, sent if it passes locally
-    ratings, candidates = [], []
-    for images in [result.x_adv, *result.pool]:
-        obs = observe(images)
-        with torch.no_grad():
-            ratings.append(copy.rating(torch.from_numpy(obs.logits), torch.from_numpy(obs.acts),
-                                       torch.from_numpy(np.asarray(y, np.int64))).numpy())
-        candidates.append(obs)
-    ratings = np.stack(ratings)
+    with torch.no_grad():
+        ratings = np.stack([copy.rating(torch.from_numpy(c.logits), torch.from_numpy(c.acts),
+                                        torch.from_numpy(np.asarray(y, np.int64))).numpy() for c in candidates])
     best = ratings.argmax(0)
     sent = np.flatnonzero(ratings[best, np.arange(n)] > 0)
-    chosen = Observations(*(np.stack([getattr(candidates[best[i]], f)[i] for i in sent]) if len(sent) else None
+    chosen = Observations(*(np.stack([getattr(c, f) for c in candidates])[best[sent], sent]
                             for f in ("labels", "acts", "images", "logits")))
     filtered = request_evasion(server, chosen, y[sent], cfg.draws, rng) if len(sent) else np.zeros(0)
-    plain = observe(result.pool[0]) if result.plain else None
+    plain = candidates[1] if result.plain else None
     return {"attacked": n, "misclassified": int((kept.labels != y).sum()),
             "robust_accuracy": None if plain is None else float((plain.labels == y).mean()),
             "plain_pgd_evasion": None if plain is None else float(request_evasion(server, plain, y, cfg.draws, rng).mean()),
