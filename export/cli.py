@@ -131,7 +131,9 @@ def _add_harden(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="PGD steps per attack configuration (default: %(default)s)")
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate the attacked detector is calibrated at (default: %(default)s)")
-    p.add_argument("--harden-seed", type=int, default=2, help="(default: %(default)s)")
+    p.add_argument("--harden-seed", type=int, default=2,
+                   help="seed of the fit images chosen, the attacks' random starts and the calibration's draws "
+                        "(default: %(default)s)")
 
 
 def _add_calibrate(p: argparse.ArgumentParser) -> None:
@@ -456,7 +458,7 @@ def serve(args: argparse.Namespace) -> None:
     import signal
     import time
 
-    from model_repository.server import ADMIN_HEADER, RESTRICTED, TritonServer
+    from model_repository.server import ADMIN_HEADER, GRPC_ADMIN_HEADER, RESTRICTED, TritonServer
     from model_repository.writer import ServingConfig, write_repository
 
     cfg = ServingConfig(false_positive_rate=args.fpr, fused=args.fused, queue_delay_us=args.queue_delay_us,
@@ -474,8 +476,7 @@ def serve(args: argparse.Namespace) -> None:
         models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")
         print(f"serving {models}: gRPC {server.grpc_url}, metrics {server.metrics_url}; Ctrl-C stops", file=sys.stderr)
         print(f"admin protocols ({', '.join(RESTRICTED)}) need the header {ADMIN_HEADER} (over gRPC: "
-              f"triton-grpc-protocol-{ADMIN_HEADER}): {server.admin_key}",
-              file=sys.stderr)
+              f"{GRPC_ADMIN_HEADER}): {server.admin_key}", file=sys.stderr)
         while server.process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:

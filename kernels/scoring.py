@@ -45,14 +45,15 @@ class OsEntropy:
 
     def below(self, counts: np.ndarray, m: int) -> np.ndarray:
         """``(B, m) int64``: row ``b`` holds ``m`` independent uniform integers in ``[0, counts[b])``."""
-        n = np.repeat(np.asarray(counts, np.uint64), m)
-        if not n.size:
+        counts = np.asarray(counts, np.uint64)
+        if not counts.size:
             return np.zeros((0, m), np.int64)
-        if n.min() < 1 or n.max() > 1 << 32:
+        if counts.min() < 1 or counts.max() > 1 << 32:
             raise InvalidInputError(f"can draw from 1 to 2^32 fingerprints, got a class of "
-                                    f"{n.min() if n.min() < 1 else n.max()}")
-        bits, word = (16, np.uint16) if n.max() <= 1 << 16 else (32, np.uint32)
-        floor = (np.uint64(1 << bits) - n) % n  # 2^bits mod n
+                                    f"{counts.min() if counts.min() < 1 else counts.max()}")
+        bits, word = (16, np.uint16) if counts.max() <= 1 << 16 else (32, np.uint32)
+        n = np.repeat(counts, m)  # per draw; the checks and 2^bits mod n once per row
+        floor = np.repeat((np.uint64(1 << bits) - counts) % counts, m)
         low, shift = np.uint64((1 << bits) - 1), np.uint64(bits)
         out = np.empty(n.size, np.uint64)
         todo = slice(None)  # every position on the first pass; afterwards the rejected ones

@@ -37,6 +37,7 @@ READY_TIMEOUT_S = 120
 # Triton's non-inference protocols that change or reveal the server: callable only with the admin key header
 RESTRICTED = ("shared-memory", "model-repository", "statistics", "trace", "logging")
 ADMIN_HEADER = "nfp-admin-key"
+GRPC_ADMIN_HEADER = f"triton-grpc-protocol-{ADMIN_HEADER}"  # the name Triton checks over gRPC
 
 
 class ServerError(FingerprintError):
@@ -102,8 +103,8 @@ class TritonServer:
     @property
     def admin_headers(self) -> dict[str, str]:
         """gRPC headers that open the restricted protocols (``headers=`` of tritonclient's gRPC calls;
-        Triton expects the key under ``triton-grpc-protocol-<name>``; over HTTP the header is the bare name)."""
-        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
+        over HTTP the header is :data:`ADMIN_HEADER` itself)."""
+        return {GRPC_ADMIN_HEADER: self.admin_key}
 
     @property
     def grpc_url(self) -> str:

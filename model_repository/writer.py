@@ -134,6 +134,8 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
     if "model_sha256" not in bank.meta or "calibration" not in bank.meta:
         raise InvalidInputError(f"the bank in {pipeline_out} is not calibrated and exported: run calibrate and export")
     image_shape = json.loads((pipeline_out / "data.json").read_text())["image_shape"]
+    if signing_key is not None and Path(signing_key).resolve().is_relative_to(target.resolve()):
+        raise InvalidInputError("the signing key must be kept outside the model repository it signs")
     if target.exists():
         shutil.rmtree(target)
     for name, text in model_configs(bank, image_shape, profile, cfg).items():
@@ -151,7 +153,5 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
     if signing_key is not None:
         from model_repository.signing import sign_repository
 
-        if Path(signing_key).resolve().is_relative_to(target.resolve()):
-            raise InvalidInputError("the signing key must be kept outside the model repository it signs")
         sign_repository(target, signing_key)
     return target

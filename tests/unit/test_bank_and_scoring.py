@@ -113,6 +113,23 @@ def test_secret_draws_have_no_modulo_bias_where_a_naive_mapping_would(n):
     assert abs((draws < n // 3).mean() - 1 / 3) < 0.01
 
 
+def test_each_index_owns_exactly_as_many_accepted_words(monkeypatch):
+    """Every 16-bit word once, for a range of 3: 2^16 = 3 * 21845 + 1, so exactly one word (0) must be
+    rejected and drawn again (here as 0xFFFF, which maps to 2); without the rejection index 0 would
+    own one word more than the others."""
+    calls = []
+
+    def source(k):
+        calls.append(k)
+        return np.arange(1 << 16, dtype=np.uint16).tobytes() if len(calls) == 1 else b"\xff\xff" * (k // 2)
+
+    monkeypatch.setattr(os, "urandom", source)
+    draws = OsEntropy().below(np.array([3]), 1 << 16).ravel()
+    assert calls == [1 << 17, 2]  # all words, then one redraw of one word
+    assert np.bincount(draws).tolist() == [21845, 21845, 21846]
+    assert draws[0] == 2  # the rejected word's position got the redraw
+
+
 def test_a_broken_entropy_source_is_named_instead_of_drawn_from_forever(monkeypatch):
     monkeypatch.setattr(os, "urandom", bytes)  # all zeros: every word of a range of 3 * 2^14 is rejected
     with pytest.raises(FingerprintError, match="not random"):
