@@ -182,6 +182,27 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit", action="store_true",
                    help="also answer each request's draws (fingerprint_ids); off by default, the draws are the "
                         "detector's secret")
+    _add_admin_key(p, "the key the server requires (header nfp-admin-key) for its restricted protocols: model "
+                      "control, shared memory, statistics, trace, logging (default: $NFP_ADMIN_KEY, else a fresh "
+                      "random key, printed)")
+
+
+def _add_admin_key(p: argparse.ArgumentParser, help_text: str) -> None:
+    import os
+
+    p.add_argument("--admin-key", default=os.environ.get("NFP_ADMIN_KEY"), help=help_text)
+
+
+def _add_rotate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=["cpu", "gpu"], default="cpu",
+                   help="which written repository, <out>/repository/<profile>, gets the new version (default: %(default)s)")
+    p.add_argument("--url", help="HOST:PORT of the server serving that repository: load the new version there "
+                                 "(without it: write and sign only)")
+    _add_admin_key(p, "the server's admin key, as `nfp serve` printed it (default: $NFP_ADMIN_KEY)")
+    p.add_argument("--signing-key", type=Path,
+                   help="private key that signed the repository (default: <out>/signing/private.pem)")
+    p.add_argument("--seed", type=int,
+                   help="the new search's seed, for reproducible tests only (default: a secret one from OS entropy)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -349,6 +370,14 @@ def _add_study(p: argparse.ArgumentParser) -> None:
                         "combinations, tested on every family and on a black-box attack no bank saw (SquareAttack)")
 
 
+def _rotate(args, ws, progress):
+    from export.rotation import rotate
+
+    repository = ws.root / "repository" / args.profile
+    private, _ = signing_keys(ws.root, args.signing_key or ws.root / "signing" / "private.pem")  # never a new key
+    return rotate(ws, repository, private, args.url, args.admin_key, args.seed, progress)
+
+
 def _synthetic_bank(args, ws, progress):
     from export.synthetic_bank import write_synthetic_out
 
@@ -378,6 +407,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
     "export": ("export model.onnx with the activations as extra outputs; parity check; bind the bank to it",
                [_add_out, _add_export], _export),
     "serve": ("write the Triton model repository and serve it until Ctrl-C", [_add_out, _add_quiet, _add_serve], None),
+    "rotate": ("rotate the bank like a key: search a fresh one under a new secret seed, recalibrate, sign, "
+               "add it to the written repository as a new model version and load it on a running server",
+               [_add_out, _add_quiet, _add_rotate], _rotate),
     "whitebox": ("the white-box attacker with a local copy: detector-aware PGD through the expectation over "
                  "the server's draws, and the filter strategy, against each defence; offline or against a "
                  "running server",
@@ -470,7 +502,7 @@ def serve(args: argparse.Namespace) -> None:
         return
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     server = TritonServer(repo, args.grpc_port, args.http_port, args.metrics_port, verbose=not args.quiet,
-                          public_key=public)
+                          public_key=public, admin_key=args.admin_key)
     try:
         server.start()
         models = "'guarded_classifier'" + (" and 'guarded_classifier_fused'" if args.fused else "")

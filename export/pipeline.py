@@ -253,9 +253,8 @@ def bank_dir(ws: Workspace) -> Path:
     return ws.root / "bank"
 
 
-def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool = True) -> dict[str, Any]:
-    """Search fingerprints for every class and write the bank (``bank/bank.npz``, ``bank/bank.json``)."""
-    started = time.time()
+def searched_bank(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool = True) -> Bank:
+    """Each class's fingerprints searched on the workspace's fit activations, as a bank (not saved)."""
     _, _, meta = load_prepared(ws)
     layout = ActivationLayout.load(ws.require(ws.activations / "layout.json", "capture"))
     config = replace(config, layer_starts=tuple(s.offset for s in layout.slices))
@@ -263,14 +262,21 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
     attacked, attacked_meta = load_activation_set(ws, "fit_attacked", mmap=False)
     per_class = search_fingerprints(clean, clean_meta["label"], attacked, attacked_meta["label"],
                                     len(meta["class_names"]), config, progress)
-    bank = Bank.from_fingerprints(per_class, layout.num_neurons, {
+    return Bank.from_fingerprints(per_class, layout.num_neurons, {
         "class_names": meta["class_names"], "layout": layout.to_json(), "search": config.to_json(),
         "search_results": [{"tried": fp.tried, "passed": fp.passed, "kept": len(fp.neurons),
                             "best_abs_d": float(np.abs(fp.cohen_d).max()) if len(fp.cohen_d) else None}
                            for fp in per_class]})
+
+
+def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool = True) -> dict[str, Any]:
+    """Search fingerprints for every class and write the bank (``bank/bank.npz``, ``bank/bank.json``)."""
+    started = time.time()
+    bank = searched_bank(ws, config, progress)
     files = list(bank.save(bank_dir(ws)))
-    results = {"fingerprints_per_class": bank.counts.tolist(), "passed_per_class": [fp.passed for fp in per_class]}
-    ws.record("search", config.to_json(), files, started, results)
+    results = {"fingerprints_per_class": bank.counts.tolist(),
+               "passed_per_class": [r["passed"] for r in bank.meta["search_results"]]}
+    ws.record("search", bank.meta["search"], files, started, results)
     return results
 
 
@@ -281,30 +287,38 @@ def default_fusion(bank: Bank, m: int) -> PValueFusion:
     return PValueFusion({"vote": FingerprintDetector(bank, RandomDraws(m), "vote"), "margin": LogitMargin()}, "min")
 
 
-def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
-              repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
-    """Thresholds for each false-positive rate, from the calibration split's clean images, under the
-    same random drawing of ``m`` fingerprints per image used at test time; stored in ``bank.json``.
+def calibrated_bank(ws: Workspace, bank: Bank, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
+                    repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> tuple[Bank, dict[str, Any]]:
+    """``bank`` with the thresholds of the LRT (the paper's score, kept for comparison) and of the served
+    default fusion for each false-positive rate, from the calibration split's clean images under the
+    same random drawing of ``m`` fingerprints per image used at test time; and a summary.
 
     Each image is scored under ``repeats`` independent draws and all scores are pooled, so the
     thresholds reflect the spread that the random draw itself adds, with less estimation noise.
     """
-    started = time.time()
-    bank = Bank.load(bank_dir(ws))
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
     clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"])
-    lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")  # the paper's score, kept for comparison
+    lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")
     lrt.calibrate(clean, fprs, repeats, seed, progress)
     fused = default_fusion(bank, m)
     fused.calibrate(clean, fprs, repeats, seed, progress)
     bank = bank.with_meta(calibration={"lrt": lrt.calibration.to_json(), **{
         name: member.calibration.to_json() for name, member in fused.members.items()}, "fused": fused.to_json()},
         draws_per_input=m)
+    checked = int(lrt.calibration.counts.sum())
+    return bank, {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats,
+                  "global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.calibration.thresholds.items()}}
+
+
+def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
+              repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
+    """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``."""
+    started = time.time()
+    bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress)
     files = list(bank.save(bank_dir(ws)))
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
-              {"global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.calibration.thresholds.items()}})
-    checked = int(lrt.calibration.counts.sum())
-    return {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats}
+              {"global_lrt_thresholds": summary.pop("global_lrt_thresholds")})
+    return summary
 
 
 def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -> tuple[dict[str, Detector], int]:
@@ -379,9 +393,25 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     return report
 
 
+REFERENCE_COUNT = 256  # test images in reference.npz
+
+
+def write_reference(ws: Workspace, images: np.ndarray) -> Path:
+    """``reference.npz``: test images with the exported model's labels and probabilities (onnxruntime), the
+    answers a served model must give (``python -m client.soak`` checks every answer against them)."""
+    from kernels.onnx_runtime import ort_session
+
+    logits = ort_session(ws.root / "model.onnx").run(["logits"], {"images": images})[0].astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    path = ws.root / "reference.npz"
+    np.savez(path, x=images, label=logits.argmax(1), probabilities=(p / p.sum(1, keepdims=True)).astype(np.float32))
+    return path
+
+
 def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dict[str, Any]:
-    """Export ``model.onnx`` (logits + the bank's activations), check parity on real test images, and
-    record the model's SHA-256 in the bank so that the bank is refused next to any other model."""
+    """Export ``model.onnx`` (logits + the bank's activations), check parity on real test images,
+    record the model's SHA-256 in the bank so that the bank is refused next to any other model, and write
+    the reference answers of the served model (:func:`write_reference`)."""
     from export.onnx_export import export_onnx
 
     started = time.time()
@@ -390,7 +420,7 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     layout = ActivationLayout.from_json(bank.meta["layout"])
     report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", ds.x[splits.test[:parity_count]], opset)
     bank = bank.with_meta(model_sha256=report.sha256, onnx=report.to_json())
-    files = [ws.root / "model.onnx", *bank.save(bank_dir(ws))]
+    files = [ws.root / "model.onnx", *bank.save(bank_dir(ws)), write_reference(ws, ds.x[splits.test[:REFERENCE_COUNT]])]
     ws.record("export", {"parity_count": parity_count, "opset": opset}, files, started, report.to_json())
     return report.to_json()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -167,7 +168,10 @@ class Bank:
         for name in ("bank.npz", "bank.json"):
             if not (directory / name).is_file():
                 raise InvalidInputError(f"no bank at {directory}: {name} is missing")
-        meta = json.loads((directory / "bank.json").read_text())
+        try:
+            meta = json.loads((directory / "bank.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidInputError(f"bank {directory}/bank.json is not valid JSON ({e})") from None
         version = meta.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise InvalidInputError(f"bank format version {version} is not supported (this code reads {FORMAT_VERSION})")
@@ -176,11 +180,14 @@ class Bank:
         if model_sha256 is not None and meta.get("model_sha256") != model_sha256:
             raise ModelMismatchError(f"bank {directory} was built for model sha256 {meta.get('model_sha256')}, "
                                      f"not for the served model {model_sha256}")
-        with np.load(directory / "bank.npz", allow_pickle=False) as f:
-            missing = [n for n in ARRAYS if n not in f.files]
-            if missing:
-                raise InvalidInputError(f"bank {directory}/bank.npz lacks arrays {missing}")
-            arrays = {n: f[n] for n in ARRAYS}
+        try:
+            with np.load(directory / "bank.npz", allow_pickle=False) as f:
+                missing = [n for n in ARRAYS if n not in f.files]
+                if missing:
+                    raise InvalidInputError(f"bank {directory}/bank.npz lacks arrays {missing}")
+                arrays = {n: f[n] for n in ARRAYS}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # truncated, not a zip, a bad array
+            raise InvalidInputError(f"bank {directory}/bank.npz cannot be read ({type(e).__name__}: {e})") from None
         return cls(**arrays, meta=meta)
 
     @classmethod

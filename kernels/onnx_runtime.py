@@ -13,8 +13,15 @@ from pathlib import Path
 import numpy as np
 
 
-def image_problem(images: np.ndarray) -> str | None:
-    """Why a request's images ``(B, C, H, W) float32`` in [0, 1] cannot be classified, or None."""
+def image_problem(images: np.ndarray, shape: tuple[int, ...] | None = None) -> str | None:
+    """Why a request's images ``(B, C, H, W) float32`` in [0, 1] (each of ``shape``, if given) cannot be
+    classified, or None. Triton 2.51 keeps the batch dimension modulo 2^32: a request declaring a batch
+    of 2^32 reaches the model without one, which is refused here (2^32 + n arrives as a batch of n)."""
+    if images.ndim != 4:
+        return (f"images must be a batch (B, C, H, W), got {images.ndim} dimensions {images.shape}; "
+                "a batch size of 2^32 or more is not representable")
+    if shape is not None and tuple(images.shape[1:]) != tuple(shape):
+        return f"images must have shape (B, {', '.join(map(str, shape))}), got {images.shape}"
     if images.shape[0] == 0:
         return "empty batch: the request holds no images"
     low, high = float(images.min()), float(images.max())  # two passes; NaN propagates, infinities fall outside

@@ -67,6 +67,20 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def load_model(url: str, model: str, admin_key: str, timeout_s: float = 300) -> None:
+    """Ask the server at ``url`` to (re)load ``model`` (see :meth:`TritonServer.load`)."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.load_model(model, headers={GRPC_ADMIN_HEADER: admin_key}, client_timeout=timeout_s)
+    except InferenceServerException as e:
+        raise ServerError(f"the server at {url} did not load {model}: {e.message()}") from None
+    finally:
+        client.close()
+
+
 class TritonServer:
     """A ``tritonserver`` process serving ``repository`` on 127.0.0.1.
 
@@ -148,6 +162,7 @@ class TritonServer:
                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                "--allow-gpu-metrics=false", "--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0",
+               "--model-control-mode=explicit", "--load-model=*",  # all at start; new versions loaded on request
                "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                f"--grpc-restricted-protocol={','.join(RESTRICTED)}:{ADMIN_HEADER}={self.admin_key}",
@@ -186,6 +201,12 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def load(self, model: str) -> None:
+        """(Re)load ``model`` (Triton's model control, with the admin key): its latest version replaces the
+        one serving once it is ready, without a gap; if it fails to load, the old one keeps serving and
+        :class:`ServerError` carries Triton's reason."""
+        load_model(self.grpc_url, model, self.admin_key)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; remove this server's shared-memory regions."""

@@ -16,6 +16,7 @@ tested directly.
 from __future__ import annotations
 
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,20 @@ METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def answered_safely(pb_utils, model: str, execute, requests) -> list:
+    """``execute(requests)``, except that an unexpected exception (a bug, an onnxruntime failure) is
+    written to the server's log in full and answered to each request of the call with a short error
+    naming neither server paths nor internals. Expected problems (bad input, a request's own error)
+    are answered by ``execute`` itself, request by request."""
+    try:
+        return execute(requests)
+    except Exception as e:
+        pb_utils.Logger.log_error(f"{model}: unexpected {type(e).__name__} in execute:\n{traceback.format_exc()}")
+        error = pb_utils.TritonError(f"internal error in model {model} ({type(e).__name__}); details are in the "
+                                     "server's log")
+        return [pb_utils.InferenceResponse(error=error) for _ in requests]
 
 
 def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,

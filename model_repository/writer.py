@@ -155,3 +155,36 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
 
         sign_repository(target, signing_key)
     return target
+
+
+def add_bank_version(repository: Path, bank: Bank, signing_key: Path | None = None) -> dict[str, int]:
+    """Add ``bank`` to every detecting model of ``repository`` as a new version (the latest one's code,
+    and for the fused model its ONNX file, beside the new bank), then re-sign each model folder.
+
+    Returns the new version of each model. The versions before stay on disk until a server loads the
+    new one (Triton serves the latest version of each model); the bank must be bound to the same ONNX
+    model (``model_sha256``), which the detecting models check at load.
+    """
+    repository = Path(repository)
+    if bank.meta.get("model_sha256") is None or "calibration" not in bank.meta:
+        raise InvalidInputError("a new bank version must be calibrated and bound to the served model (model_sha256)")
+    versions = {}
+    for name in (DETECTOR, FUSED):
+        model = repository / name
+        if not (model / "config.pbtxt").is_file():
+            continue
+        latest = max((int(v.name) for v in model.iterdir() if v.is_dir() and v.name.isdigit()), default=None)
+        if latest is None:
+            raise InvalidInputError(f"{model} has no version folder")
+        new = model / str(latest + 1)
+        shutil.copytree(model / str(latest), new, ignore=shutil.ignore_patterns("bank", "__pycache__"))
+        bank.save(new / "bank")
+        versions[name] = latest + 1
+    if not versions:
+        raise InvalidInputError(f"{repository} has no detecting model ({DETECTOR} or {FUSED})")
+    if signing_key is not None:
+        from model_repository.signing import sign_model
+
+        for name in versions:
+            sign_model(repository / name, signing_key)
+    return versions

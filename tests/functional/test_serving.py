@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import norm
 
 from client.grpc_client import DetectorClient, RequestError
 from client.metrics import detector_counters
@@ -13,10 +12,10 @@ from export.datasets import load_dataset
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
-from kernels.scoring import score
 from model_repository.server import ServerError, TritonServer
 from model_repository.signing import create_keys
 from model_repository.writer import ServingConfig, write_repository
+from tests.functional.replay import replayed_fused_score
 
 GUARDED = ("guarded_classifier", "guarded_classifier_fused")  # the ensemble and its one-step equivalent
 FPR = 0.05
@@ -47,21 +46,10 @@ def test_served_results_equal_the_offline_pipeline_for_the_same_draws(served, mn
     result = client.detect(x)
     logits, acts = ort_session(out / "model.onnx").run(None, {"images": x})
     bank = Bank.load(out / "bank")
-    stored = bank.meta["calibration"]
-    vote, margin, fused = (Calibration.from_json(stored[k]) for k in ("vote", "margin", "fused"))
-    labels, one_class = logits.argmax(1), np.zeros(len(x), np.int64)
-    # the fused score written out: each member's standardized score -> its clean p-value -> the smaller
-    offline = score(acts, labels, bank, vote.m, ids=result.fingerprint_ids)
-    top2 = np.sort(logits.astype(np.float64), 1)[:, -2:]
-    members = {"vote": vote.standardize(offline.vote, one_class),
-               "margin": margin.standardize(top2[:, 1] - top2[:, 0], one_class)}
-    refs = stored["fused"]["references"]
-    levels = np.linspace(0, 1, len(refs["vote"]))
-    log_p = []
-    for k, z in members.items():  # below the lowest clean score a Gaussian tail continues the p-value
-        tail = np.log(levels[1] / 2) + np.log(norm.cdf(np.minimum(z, refs[k][0])) / norm.cdf(refs[k][0]))
-        log_p.append(np.where(z < refs[k][0], tail, np.log(np.maximum(np.interp(z, refs[k], levels), levels[1] / 2))))
-    z = fused.standardize(np.min(log_p, axis=0), one_class)
+    z = replayed_fused_score(bank, logits, acts, result.fingerprint_ids)
+    labels = logits.argmax(1)
+    fused = Calibration.from_json(bank.meta["calibration"]["fused"])
+    one_class = np.zeros(len(x), np.int64)
     np.testing.assert_array_equal(result.label, labels)
     np.testing.assert_allclose(result.score, z, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(result.is_attacked, z < fused.threshold(FPR, one_class))

@@ -14,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.onnx_runtime import image_problem, ort_session
+from model_repository.serving import answered_safely
 from model_repository.signing import verify_if_required
 
 OUTPUTS = ("logits", "activations")
@@ -26,13 +27,17 @@ class TritonPythonModel:
         verify_if_required(Path(args["model_repository"]))  # a signed repository: this folder unchanged
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
+        self.name, self.shape = args["model_name"], tuple(int(d) for d in config["input"][0]["dims"])
 
     def execute(self, requests):
+        return answered_safely(pb_utils, self.name, self._execute, requests)
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         batch, owners = [], []
         for i, request in enumerate(requests):
             images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
-            problem = image_problem(images)
+            problem = image_problem(images, self.shape)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
             else:

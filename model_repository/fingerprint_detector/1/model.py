@@ -26,7 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
-from model_repository.serving import DetectorMetrics, ServedDetector, response_tensors
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
 
 
 def host_array(tensor) -> np.ndarray:
@@ -47,10 +47,14 @@ class TritonPythonModel:
                                        params["model_sha256"], float(params.get("false_positive_rate", "0.01")),
                                        gpu=args.get("model_instance_kind") == "GPU",
                                        device_id=int(args.get("model_instance_device_id", "0")), served_model=classifier)
-        self.metrics = DetectorMetrics(pb_utils, args["model_name"])
+        self.name = args["model_name"]
+        self.metrics = DetectorMetrics(pb_utils, self.name)
         self.audit = params.get("audit") == "true"
 
     def execute(self, requests):
+        return answered_safely(pb_utils, self.name, self._execute, requests)
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         logits, labels, acts, owners = [], [], [], []
         for i, request in enumerate(requests):

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import DetectorMetrics, ServedDetector, response_tensors
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
 
 
 def error(message: str):
@@ -33,15 +33,20 @@ class TritonPythonModel:
                                        float(params.get("false_positive_rate", "0.01")), served_model=version / "model.onnx")
         self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
                                    providers=["CPUExecutionProvider"])
-        self.metrics = DetectorMetrics(pb_utils, args["model_name"])
+        self.name = args["model_name"]
+        self.shape = tuple(int(d) for d in config["input"][0]["dims"])
+        self.metrics = DetectorMetrics(pb_utils, self.name)
         self.audit = params.get("audit") == "true"
 
     def execute(self, requests):
+        return answered_safely(pb_utils, self.name, self._execute, requests)
+
+    def _execute(self, requests):
         responses = [None] * len(requests)
         images, owners = [], []
         for i, request in enumerate(requests):
             x = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
-            problem = image_problem(x)
+            problem = image_problem(x, self.shape)
             if problem:
                 responses[i] = error(problem)
             else:
