@@ -14,7 +14,7 @@ All attacks take and return ``(N, C, H, W) float32`` images in ``[0, 1]``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -293,10 +293,11 @@ def run_attack(spec: AttackSpec, model: nn.Module, x: np.ndarray, y: np.ndarray,
 
 def attack_into_classes(model: nn.Module, x: np.ndarray, y: np.ndarray, source: np.ndarray, num_classes: int,
                         defaults: AttackDefaults, per_class: int = 200, seed: int = 0,
-                        progress: bool = True) -> list[AttackResult]:
+                        progress: bool = True, into: Sequence[int] | None = None) -> list[AttackResult]:
     """Targeted L-inf attacks that push images of other classes into each focal class.
 
-    For every focal class ``c`` (each class present in ``y``), ``per_class`` images are drawn (seeded)
+    For every focal class ``c`` (each class present in ``y``, or those of ``into``), ``per_class`` images
+    are drawn (seeded)
     from the other classes and
     split between the methods of :data:`TRAINING_METHODS`. Each image is attacked towards ``c`` at
     the smallest budget of ``defaults.train_eps`` first; the ones that do not reach ``c`` are attacked
@@ -312,7 +313,7 @@ def attack_into_classes(model: nn.Module, x: np.ndarray, y: np.ndarray, source: 
         raise InvalidInputError("no training budgets (train_eps) given")
     rng = np.random.default_rng(seed)
     chosen, focal = [], []
-    for c in np.unique(y):  # a 1,000-class model with images of a few classes: those few
+    for c in np.unique(y) if into is None else into:  # a 1,000-class model with images of a few classes: those few
         others = np.flatnonzero(y != c)
         if len(others) == 0:
             raise InvalidInputError(f"no images outside class {c} to attack into it")

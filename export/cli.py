@@ -294,14 +294,41 @@ def _harden(args, ws, progress):
                        progress)
 
 
-def _search(args, ws, progress):
-    from export import pipeline
+def _search_config(args):
     from kernels.fingerprint_search import SearchConfig
 
-    config = SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
-                          keep=args.keep, method=args.search_method, seed=args.search_seed,
-                          max_correlation=args.max_correlation)
-    return pipeline.search(ws, config, progress)
+    return SearchConfig(k=tuple(args.k), candidates=args.candidates, p_max=args.p_max, d_min=args.d_min,
+                        keep=args.keep, method=args.search_method, seed=args.search_seed,
+                        max_correlation=args.max_correlation)
+
+
+def _search(args, ws, progress):
+    from export import pipeline
+
+    return pipeline.search(ws, _search_config(args), progress)
+
+
+def _add_build_bank(p: argparse.ArgumentParser) -> None:
+    from export.pipeline import DEFAULT_TRAIN_PER_CLASS
+
+    p.add_argument("--per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS,
+                   help="fit images attacked into each focal class (default: %(default)s)")
+    p.add_argument("--attack-seed", type=int, default=0, help="seed of the attacks' images and starts (default: 0)")
+    p.add_argument("--attack-profile", help="attack defaults (default: the data set's)")
+    p.add_argument("--classes", type=int, nargs="+", help="build only these classes' shards (default: all)")
+    p.add_argument("--workers", type=int,
+                   help="CPUs of the local Ray cluster (default: all cores); 0: one process, no Ray")
+    p.add_argument("--ray-address", help="HOST:PORT of a running Ray cluster to join instead (`ray start --head`)")
+    p.add_argument("--max-retries", type=int, default=3, help="retries of a shard whose worker died (default: 3)")
+    _add_search(p)
+
+
+def _build_bank(args, ws, progress):
+    from export.distributed import build_bank
+
+    return build_bank(ws, args.per_class, args.attack_seed, _search_config(args), args.workers, args.ray_address,
+                      classes=args.classes, profile=args.attack_profile, max_retries=args.max_retries,
+                      progress=progress)
 
 
 def _calibrate(args, ws, progress):
@@ -397,6 +424,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
     "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],
                 _capture),
     "search": ("search each class's fingerprints and write the bank", [_add_out, _add_quiet, _add_search], _search),
+    "build-bank": ("the bank's attacks, capture and search as one shard per class on Ray (local cores by default, "
+                   "or a cluster), resumable; merged into bank/ with the calibration split captured (after train; "
+                   "calibrate, export and serve after it)", [_add_out, _add_quiet, _add_build_bank], _build_bank),
     "harden": ("rounds of detector-aware attacks on fit images added to the bank's data, then a new search "
                "(after search; calibrate, export and serve again after it)", [_add_out, _add_quiet, _add_harden],
                _harden),

@@ -278,6 +278,16 @@ def _top(rows: dict[str, np.ndarray], keep: int) -> dict[str, np.ndarray]:
     return {key: value[order] for key, value in rows.items()}
 
 
+def search_focal_class(clean: np.ndarray, attacked: np.ndarray, c: int, config: SearchConfig = SearchConfig(),
+                       progress: bool = False) -> ClassFingerprints:
+    """Class ``c``'s fingerprints from its clean rows and the rows attacked into it, under the class's own
+    seed ``config.seed * 1_000_003 + c`` (so a class searched alone, on another machine, gets the same
+    fingerprints); none below 3 rows of either kind."""
+    if len(clean) < 3 or len(attacked) < 3:
+        return ClassFingerprints([], *(np.zeros(0) for _ in range(6)), tried=0, passed=0)
+    return search_class(clean, attacked, config, config.seed * 1_000_003 + c, progress, desc=f"class {c}")
+
+
 def search_fingerprints(clean: np.ndarray, clean_labels: np.ndarray, attacked: np.ndarray,
                         attacked_labels: np.ndarray, num_classes: int, config: SearchConfig = SearchConfig(),
                         progress: bool = True) -> list[ClassFingerprints]:
@@ -290,17 +300,12 @@ def search_fingerprints(clean: np.ndarray, clean_labels: np.ndarray, attacked: n
         attacked_labels: ``(Na,) int`` the focal class each was attacked into (= the model's prediction).
         num_classes: number of classes; every class needs clean and attacked rows.
 
-    Class ``c`` uses seed ``config.seed * 1_000_003 + c``, so one class's search is reproducible alone.
-    A class with fewer than 3 clean or 3 attacked rows gets no fingerprints (an ImageNet model served
-    with a bank for a few classes); inputs predicted as such a class are refused at scoring time.
+    Each class is searched by :func:`search_focal_class`. A class with fewer than 3 clean or 3 attacked
+    rows gets no fingerprints (an ImageNet model served with a bank for a few classes); inputs predicted
+    as such a class are answered unchecked.
     """
-    out = []
-    for c in range(num_classes):
-        cl, at = clean[clean_labels == c], attacked[attacked_labels == c]
-        if len(cl) < 3 or len(at) < 3:
-            out.append(ClassFingerprints([], *(np.zeros(0) for _ in range(6)), tried=0, passed=0))
-            continue
-        out.append(search_class(cl, at, config, config.seed * 1_000_003 + c, progress, desc=f"class {c}"))
+    out = [search_focal_class(clean[clean_labels == c], attacked[attacked_labels == c], c, config, progress)
+           for c in range(num_classes)]
     if not any(fp.neurons for fp in out):
         raise InvalidInputError("no class has at least 3 clean and 3 attacked rows: nothing to search")
     return out
