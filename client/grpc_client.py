@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernels.contract import served_images
 from kernels.errors import FingerprintError, InvalidInputError
 
 ENSEMBLE = "guarded_classifier"
@@ -56,15 +57,35 @@ class Detection:
         return self.probabilities.max(axis=1)
 
 
-def _inputs(grpc, images: np.ndarray):
-    """The request tensors of ``images (B, C, H, W) float32`` for the tritonclient module ``grpc``."""
+@dataclass(frozen=True)
+class ServedInput:
+    """The served model's image input (its config): name, Triton dtype, layout and the value of white."""
+
+    name: str = "images"
+    data_type: str = "TYPE_FP32"
+    layout: str = "NCHW"
+    scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ServedInput":
+        (image,) = config["input"]
+        data_type = image.get("data_type", "TYPE_FP32")
+        high = config.get("parameters", {}).get("input_range", {}).get("string_value", "1")
+        return cls(image["name"], data_type, "NHWC" if image.get("format") == "FORMAT_NHWC" else "NCHW",
+                   255.0 if data_type == "TYPE_UINT8" else float(high or 1))
+
+
+def _inputs(grpc, images: np.ndarray, served: ServedInput = ServedInput()):
+    """The request tensors of ``images (B, C, H, W) float32`` in [0, 1], in the ``served`` input's name,
+    layout, scale and dtype, for the tritonclient module ``grpc``."""
     images = np.asarray(images)
     if images.dtype != np.float32:
         raise InvalidInputError(f"images must be float32, got {images.dtype}")
     if images.ndim != 4 or len(images) == 0:
         raise InvalidInputError(f"images must be a non-empty (B, C, H, W) array, got shape {images.shape}")
-    tensor = grpc.InferInput("images", list(images.shape), "FP32")
-    tensor.set_data_from_numpy(np.ascontiguousarray(images))
+    x = served_images(images, served.data_type, served.layout, served.scale)
+    tensor = grpc.InferInput(served.name, list(x.shape), served.data_type.removeprefix("TYPE_"))
+    tensor.set_data_from_numpy(x)
     return [tensor]  # no outputs named: the server answers all it has (fingerprint_ids only if audited)
 
 
@@ -119,12 +140,27 @@ class DetectorClient:
         self.url = url
         self.client = grpcclient.InferenceServerClient(url)
         self.model, self.timeout_s = model, timeout_s
+        self._served: ServedInput | None = None
+
+    @property
+    def served_input(self) -> ServedInput:
+        """The model's image input, read from its config on first use: images are sent as it takes them
+        (a model imported with its own contract may take UINT8 NHWC pixels)."""
+        if self._served is None:
+            from tritonclient.utils import InferenceServerException
+
+            try:
+                config = self.client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+            except InferenceServerException as e:
+                raise _server_error(e, self.url) from None
+            self._served = ServedInput.from_config(config["config"])
+        return self._served
 
     def detect(self, images: np.ndarray) -> Detection:
-        """Classify and check ``images (B, C, H, W) float32`` in one request."""
+        """Classify and check ``images (B, C, H, W) float32`` in [0, 1] in one request."""
         from tritonclient.utils import InferenceServerException
 
-        inputs = _inputs(self._grpc, images)
+        inputs = _inputs(self._grpc, images, self.served_input)
         try:
             result = self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
@@ -135,7 +171,7 @@ class DetectorClient:
         """Send a request without waiting; many may be in flight at once. The future always resolves:
         with the detection, or with :class:`RequestError` (server error, unparsable answer, deadline)."""
         future: Future[Detection] = Future()
-        inputs = _inputs(self._grpc, images)
+        inputs = _inputs(self._grpc, images, self.served_input)
         batch = len(images)
 
         self.client.async_infer(self.model, inputs, lambda result, error: resolve(future, result, error, batch, self.url),
@@ -191,12 +227,16 @@ class AsyncDetectorClient:
         self._grpc = grpcclient
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self.client = aioclient.InferenceServerClient(url)
+        self._served: ServedInput | None = None
 
     async def detect(self, images: np.ndarray) -> Detection:
         from tritonclient.utils import InferenceServerException
 
-        inputs = _inputs(self._grpc, images)
         try:
+            if self._served is None:
+                config = await self.client.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)
+                self._served = ServedInput.from_config(config["config"])
+            inputs = _inputs(self._grpc, images, self._served)
             result = await self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
         except InferenceServerException as e:
             raise _server_error(e, self.url) from None

@@ -103,7 +103,10 @@ def parse_layer(spec: str) -> tuple[str, str]:
 
 
 def default_layers(model: nn.Module, count: int = DEFAULT_LAYER_COUNT) -> list[str]:
-    """Outputs of the last ``count`` weighted (linear / conv) modules, in registration order."""
+    """Outputs of the last ``count`` weighted (linear / conv) modules, in registration order; a model
+    that names its own (``fingerprint_layers``, e.g. an imported ONNX graph) gets those."""
+    if getattr(model, "fingerprint_layers", None):
+        return list(model.fingerprint_layers)
     names = [n for n, m in model.named_modules() if isinstance(m, WEIGHTED_LAYERS)]
     if not names:
         raise LayerNotFoundError(f"{type(model).__name__} has no linear or convolutional layers; name layers explicitly")

@@ -308,6 +308,32 @@ def _search(args, ws, progress):
     return pipeline.search(ws, _search_config(args), progress)
 
 
+def _add_import_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True,
+                   help="your served classifier: a Triton model folder (config.pbtxt + <version>/model.onnx) or an "
+                        "ONNX file")
+    p.add_argument("--list-layers", action="store_true",
+                   help="print the graph's tensors with their shapes and the proposed layers, import nothing")
+    p.add_argument("--layers", nargs="+", metavar="TENSOR",
+                   help="graph tensors to fingerprint, by name (default: outputs of the last two Conv/Gemm/MatMul nodes)")
+    p.add_argument("--logits", help="the output holding pre-softmax class scores (default: the first output)")
+    p.add_argument("--scale", type=float,
+                   help="input value of a white pixel (default: 255 for UINT8 inputs, 1 for float ones)")
+
+
+def _import_model(args, ws, progress):
+    from export.onnx_model import import_model, intermediate_tensors, proposed_layers, read_model
+
+    if args.list_layers:
+        onnx_path, contract = read_model(args.model, args.logits, args.scale)
+        proposed = proposed_layers(onnx_path)
+        rows = [f"| {'*' if t['name'] in proposed else ''} | `{t['name']}` | {t['op']} | {t['shape']} |"
+                for t in intermediate_tensors(onnx_path)]
+        return {"contract": contract.to_json(), "table": "| proposed | tensor | operator | shape |\n|---|---|---|---|\n"
+                + "\n".join(rows)}
+    return import_model(ws, args.model, args.layers, args.logits, args.scale)
+
+
 def _add_build_bank(p: argparse.ArgumentParser) -> None:
     from export.pipeline import DEFAULT_TRAIN_PER_CLASS
 
@@ -419,6 +445,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
                 _prepare),
     "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train],
               _train),
+    "import-model": ("use a classifier you already serve (ONNX file or Triton model folder) instead of training: "
+                     "its contract is kept, a torch copy (onnx2torch) runs the attacks", [_add_out, _add_import_model],
+                     _import_model),
     "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)",
                [_add_out, _add_quiet, _add_attack], _attack),
     "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],

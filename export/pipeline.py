@@ -399,9 +399,13 @@ REFERENCE_COUNT = 256  # test images in reference.npz
 def write_reference(ws: Workspace, images: np.ndarray) -> Path:
     """``reference.npz``: test images with the exported model's labels and probabilities (onnxruntime), the
     answers a served model must give (``python -m client.soak`` checks every answer against them)."""
+    from kernels.contract import load_contract
     from kernels.onnx_runtime import ort_session
 
-    logits = ort_session(ws.root / "model.onnx").run(["logits"], {"images": images})[0].astype(np.float64)
+    contract = load_contract(ws.root)  # an imported model answers under its own names
+    name, feed = ("logits", images) if contract is None else (contract.logits, contract.served_images(images))
+    session = ort_session(ws.root / "model.onnx")
+    logits = session.run([name], {session.get_inputs()[0].name: feed})[0].astype(np.float64)
     p = np.exp(logits - logits.max(1, keepdims=True))
     path = ws.root / "reference.npz"
     np.savez(path, x=images, label=logits.argmax(1), probabilities=(p / p.sum(1, keepdims=True)).astype(np.float32))
@@ -413,12 +417,17 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     record the model's SHA-256 in the bank so that the bank is refused next to any other model, and write
     the reference answers of the served model (:func:`write_reference`)."""
     from export.onnx_export import export_onnx
+    from export.onnx_model import USER_MODEL, export_imported
 
     started = time.time()
     ds, splits, _ = load_prepared(ws)
     bank = Bank.load(bank_dir(ws))
     layout = ActivationLayout.from_json(bank.meta["layout"])
-    report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", ds.x[splits.test[:parity_count]], opset)
+    images = ds.x[splits.test[:parity_count]]
+    if (ws.root / USER_MODEL).is_file():  # an imported model: its own graph, one output added
+        report = export_imported(load_classifier(ws), layout, ws.root / USER_MODEL, ws.root / "model.onnx", images)
+    else:
+        report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", images, opset)
     bank = bank.with_meta(model_sha256=report.sha256, onnx=report.to_json())
     files = [ws.root / "model.onnx", *bank.save(bank_dir(ws)), write_reference(ws, ds.x[splits.test[:REFERENCE_COUNT]])]
     ws.record("export", {"parity_count": parity_count, "opset": opset}, files, started, report.to_json())

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 
-def image_problem(images: np.ndarray, shape: tuple[int, ...] | None = None) -> str | None:
-    """Why a request's images ``(B, C, H, W) float32`` in [0, 1] (each of ``shape``, if given) cannot be
-    classified, or None. Triton 2.51 keeps the batch dimension modulo 2^32: a request declaring a batch
+def image_problem(images: np.ndarray, shape: tuple[int, ...] | None = None, high: float | None = 1.0) -> str | None:
+    """Why a request's images ``(B, C, H, W)`` with values in [0, ``high``] (each of ``shape``, if given;
+    no range where ``high`` is None, as for UINT8 pixels) cannot be classified, or None. Triton 2.51 keeps the batch dimension modulo 2^32: a request declaring a batch
     of 2^32 reaches the model without one, which is refused here (2^32 + n arrives as a batch of n)."""
     if images.ndim != 4:
         return (f"images must be a batch (B, C, H, W), got {images.ndim} dimensions {images.shape}; "
@@ -24,11 +24,13 @@ def image_problem(images: np.ndarray, shape: tuple[int, ...] | None = None) -> s
         return f"images must have shape (B, {', '.join(map(str, shape))}), got {images.shape}"
     if images.shape[0] == 0:
         return "empty batch: the request holds no images"
-    low, high = float(images.min()), float(images.max())  # two passes; NaN propagates, infinities fall outside
-    if np.isnan(low) or np.isnan(high):
+    if high is None:
+        return None
+    lo, hi = float(images.min()), float(images.max())  # two passes; NaN propagates, infinities fall outside
+    if np.isnan(lo) or np.isnan(hi):
         return "images hold NaN values"
-    if low < 0.0 or high > 1.0:
-        return f"image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]"
+    if lo < 0.0 or hi > high:
+        return f"image values must lie in [0, {high:g}], got [{lo:.3g}, {hi:.3g}]"
     return None
 
 

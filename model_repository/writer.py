@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernels.bank import Bank
+from kernels.contract import Contract, default_contract, load_contract
 from kernels.errors import InvalidInputError
 
 SOURCES = Path(__file__).resolve().parent  # the models' code, package data (see pyproject)
@@ -72,49 +73,67 @@ def _instances(kind: str, cfg: ServingConfig) -> str:
     return f"instance_group [ {{ count: {cfg.instances} kind: {kind} }} ]\n"
 
 
-def model_configs(bank: Bank, image_shape: list[int], profile: str, cfg: ServingConfig) -> dict[str, str]:
-    """``config.pbtxt`` text of each model for ``profile``, by model name."""
+DETECTION_OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids", "activations")
+
+
+def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConfig,
+                  imported: bool = False) -> dict[str, str]:
+    """``config.pbtxt`` text of each model for ``profile``, by model name. The image input is the
+    ``contract``'s; an ``imported`` model's own outputs are served beside the detection outputs."""
     if profile not in PROFILES:
         raise InvalidInputError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     if cfg.fused and profile != "cpu":
         raise InvalidInputError("the fused guarded classifier exists in the cpu profile only; the gpu profile "
                                 "runs the classifier on Triton's onnxruntime backend")
+    originals = contract.outputs if imported else []
+    clash = sorted({o["name"] for o in originals} & set(DETECTION_OUTPUTS))
+    if clash:
+        raise InvalidInputError(f"the model's outputs {clash} clash with the detection outputs; rename them")
     c, d, m = bank.num_classes, bank.num_neurons, int(bank.meta["draws_per_input"])
-    images = _tensor("images", "TYPE_FP32", image_shape)
-    logits, acts = _tensor("logits", "TYPE_FP32", [c]), _tensor("activations", "TYPE_FP32", [d])
+    images = _tensor(contract.input_name, contract.input_type, contract.dims)
+    if contract.layout == "NHWC":
+        images = images.replace(" dims:", " format: FORMAT_NHWC dims:")
+    logits_type = next(o["data_type"] for o in contract.outputs if o["name"] == contract.logits)
+    model_outputs = [_tensor(o["name"], o["data_type"], o["dims"]) for o in contract.outputs]
+    acts = _tensor("activations", "TYPE_FP32", [d])
     results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
                _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
                _tensor("checked", "TYPE_BOOL", [1])] + [_tensor("fingerprint_ids", "TYPE_INT64", [m])] * cfg.audit
+    guarded = [_tensor(o["name"], o["data_type"], o["dims"]) for o in originals] + results
     head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
+    value_range = "" if contract.value_range is None else f"{contract.value_range:g}"
+    interface = (f'parameters {{ key: "input_range" value: {{ string_value: "{value_range}" }} }}\n'
+                 + f'parameters {{ key: "logits_output" value: {{ string_value: "{contract.logits}" }} }}\n')
     if profile == "cpu":
-        classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images]) + _io("output", [logits, acts])
-                      + _batching(cfg) + _instances("KIND_CPU", cfg))
+        classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images])
+                      + _io("output", model_outputs + [acts]) + _batching(cfg) + _instances("KIND_CPU", cfg) + interface)
     else:
         classifier = (head(CLASSIFIER, 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"')
-                      + _io("input", [images]) + _io("output", [logits, acts]) + _batching(cfg)
+                      + _io("input", [images]) + _io("output", model_outputs + [acts]) + _batching(cfg)
                       + _instances("KIND_GPU", cfg))
     detection = (f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
                  + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n'
                  + f'parameters {{ key: "audit" value: {{ string_value: "{str(cfg.audit).lower()}" }} }}\n')
-    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [logits, acts]) + _io("output", results)
-                + _batching(cfg) + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
+    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [_tensor("logits", logits_type, [c]), acts])
+                + _io("output", results) + _batching(cfg)
+                + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
     names = ["label", "probabilities", "score", "is_attacked", "checked"] + ["fingerprint_ids"] * cfg.audit
-    ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + _io("input", [images]) + _io("output", results)
+    ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + interface + _io("input", [images]) + _io("output", guarded)
                 + "ensemble_scheduling {\n  step [\n"
                 + f'    {{ model_name: "{CLASSIFIER}" model_version: -1\n'
-                + '      input_map { key: "images" value: "images" }\n'
-                + '      output_map { key: "logits" value: "logits" }\n'
+                + f'      input_map {{ key: "{contract.input_name}" value: "{contract.input_name}" }}\n'
+                + "".join(f'      output_map {{ key: "{o["name"]}" value: "{o["name"]}" }}\n' for o in contract.outputs)
                 + '      output_map { key: "activations" value: "activations" } },\n'
                 + f'    {{ model_name: "{DETECTOR}" model_version: -1\n'
-                + '      input_map { key: "logits" value: "logits" }\n'
+                + f'      input_map {{ key: "logits" value: "{contract.logits}" }}\n'
                 + '      input_map { key: "activations" value: "activations" }\n'
                 + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in names) + "    }\n  ]\n}\n")
     configs = {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
     if cfg.fused:
-        configs[FUSED] = (head(FUSED, 'backend: "python"') + _io("input", [images]) + _io("output", results)
-                          + _batching(cfg) + _instances("KIND_CPU", cfg) + detection)
+        configs[FUSED] = (head(FUSED, 'backend: "python"') + _io("input", [images]) + _io("output", guarded)
+                          + _batching(cfg) + _instances("KIND_CPU", cfg) + detection + interface)
     return configs
 
 
@@ -133,12 +152,15 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
     bank = Bank.load(pipeline_out / "bank")
     if "model_sha256" not in bank.meta or "calibration" not in bank.meta:
         raise InvalidInputError(f"the bank in {pipeline_out} is not calibrated and exported: run calibrate and export")
-    image_shape = json.loads((pipeline_out / "data.json").read_text())["image_shape"]
+    contract = load_contract(pipeline_out)
+    imported = contract is not None
+    if contract is None:
+        contract = default_contract(json.loads((pipeline_out / "data.json").read_text())["image_shape"], bank.num_classes)
     if signing_key is not None and Path(signing_key).resolve().is_relative_to(target.resolve()):
         raise InvalidInputError("the signing key must be kept outside the model repository it signs")
     if target.exists():
         shutil.rmtree(target)
-    for name, text in model_configs(bank, image_shape, profile, cfg).items():
+    for name, text in model_configs(bank, contract, profile, cfg, imported).items():
         version = target / name / "1"
         version.mkdir(parents=True)
         (target / name / "config.pbtxt").write_text(text)

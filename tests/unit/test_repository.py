@@ -5,6 +5,7 @@ from tritonclient.grpc import model_config_pb2
 
 from model_repository.writer import PROFILES, ServingConfig, model_configs
 from kernels.bank import Bank
+from kernels.contract import default_contract
 from kernels.errors import InvalidInputError
 
 
@@ -16,7 +17,7 @@ def bank(mixed_size_bank) -> Bank:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
     configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
-               for name, text in model_configs(bank, [1, 28, 28], profile, ServingConfig(audit=True)).items()}
+               for name, text in model_configs(bank, default_contract([1, 28, 28], bank.num_classes), profile, ServingConfig(audit=True)).items()}
     classifier, detector, ensemble = configs["classifier"], configs["fingerprint_detector"], configs["guarded_classifier"]
     assert [o.name for o in classifier.output] == ["logits", "activations"]
     assert list(classifier.output[1].dims) == [300]
@@ -33,26 +34,26 @@ def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
 
 def test_unknown_profile_is_refused(bank):
     with pytest.raises(InvalidInputError, match="unknown profile 'tpu'"):
-        model_configs(bank, [1, 28, 28], "tpu", ServingConfig())
+        model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "tpu", ServingConfig())
 
 
 def test_the_fused_model_has_the_ensembles_inputs_and_outputs_in_the_cpu_profile_only(bank):
     configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
-               for name, text in model_configs(bank, [1, 28, 28], "cpu", ServingConfig(fused=True)).items()}
+               for name, text in model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "cpu", ServingConfig(fused=True)).items()}
     fused, ensemble = configs["guarded_classifier_fused"], configs["guarded_classifier"]
     assert fused.backend == "python"
     assert [(t.name, list(t.dims)) for t in fused.input] == [(t.name, list(t.dims)) for t in ensemble.input]
     assert [(t.name, list(t.dims)) for t in fused.output] == [(t.name, list(t.dims)) for t in ensemble.output]
     assert fused.parameters["model_sha256"].string_value == "ab" * 32
-    assert "guarded_classifier_fused" not in model_configs(bank, [1, 28, 28], "cpu", ServingConfig())
+    assert "guarded_classifier_fused" not in model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "cpu", ServingConfig())
     with pytest.raises(InvalidInputError, match="cpu profile only"):
-        model_configs(bank, [1, 28, 28], "gpu", ServingConfig(fused=True))
+        model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "gpu", ServingConfig(fused=True))
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_draws_are_no_output_unless_the_repository_is_written_for_audit(bank, fused):
     configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
-               for name, text in model_configs(bank, [1, 28, 28], "cpu", ServingConfig(fused=fused)).items()}
+               for name, text in model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "cpu", ServingConfig(fused=fused)).items()}
     for name, config in configs.items():
         assert "fingerprint_ids" not in [o.name for o in config.output], name
         assert all("fingerprint_ids" not in s.output_map for s in config.ensemble_scheduling.step)

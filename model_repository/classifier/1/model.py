@@ -1,6 +1,7 @@
 """Triton Python-backend model: the exported ONNX classifier run by onnxruntime (cpu profile).
 
-Inputs ``images (C, H, W) float32`` in [0, 1]; outputs ``logits (num_classes,)`` and
+Input: the served contract's image input (``images (C, H, W) float32`` in [0, 1] for a torch-started
+pipeline; an imported model's own name, dtype and layout); outputs: the model's own (``logits``) and
 ``activations (D,)``, the fingerprinted layers laid out as the bank expects, from one forward pass.
 All requests of one ``execute`` call run as one batch; a request with bad values (NaN, infinite, out
 of [0, 1]) gets its own error response and the others are answered normally. Only the outputs some
@@ -14,10 +15,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import answered_safely
+from model_repository.serving import answered_safely, served_input
 from model_repository.signing import verify_if_required
 
-OUTPUTS = ("logits", "activations")
 
 
 class TritonPythonModel:
@@ -27,7 +27,9 @@ class TritonPythonModel:
         verify_if_required(Path(args["model_repository"]))  # a signed repository: this folder unchanged
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
-        self.name, self.shape = args["model_name"], tuple(int(d) for d in config["input"][0]["dims"])
+        self.name = args["model_name"]
+        self.input, self.shape, self.high = served_input(config)
+        self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
         return answered_safely(pb_utils, self.name, self._execute, requests)
@@ -36,16 +38,16 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         batch, owners = [], []
         for i, request in enumerate(requests):
-            images = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
-            problem = image_problem(images, self.shape)
+            images = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
+            problem = image_problem(images, self.shape, self.high)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
             else:
                 batch.append(images)
                 owners.append((i, len(images), request.requested_output_names()))
         if batch:
-            names = [n for n in OUTPUTS if any(n in wanted for *_, wanted in owners)]
-            outputs = dict(zip(names, self.session.run(names, {"images": np.concatenate(batch)})))
+            names = [n for n in self.outputs if any(n in wanted for *_, wanted in owners)]
+            outputs = dict(zip(names, self.session.run(names, {self.input: np.concatenate(batch)})))
             start = 0
             for i, n, wanted in owners:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[

@@ -58,7 +58,7 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         logits, labels, acts, owners = [], [], [], []
         for i, request in enumerate(requests):
-            z = host_array(pb_utils.get_input_tensor_by_name(request, "logits"))
+            z = host_array(pb_utils.get_input_tensor_by_name(request, "logits")).astype(np.float32, copy=False)
             a = pb_utils.get_input_tensor_by_name(request, "activations")
             a = a.as_numpy() if self.detector.gpu is None or a.is_cpu() else a
             try:

@@ -1,6 +1,7 @@
 """Triton Python-backend model: classifier and fingerprint detector in one step (cpu profile, optional).
 
-Same inputs and outputs as the ``guarded_classifier`` ensemble (``images`` -> ``label``,
+Same inputs and outputs as the ``guarded_classifier`` ensemble (the served image input -> an imported
+model's own outputs, ``label``,
 ``probabilities``, ``score``, ``is_attacked``, ``checked``, and ``fingerprint_ids`` with ``audit``) and the same detection
 (``model_repository.serving.ServedDetector``), but the ONNX classifier and the detector run in one ``execute`` of
 one Python stub, so the activations never leave the process and no second ensemble step is
@@ -16,7 +17,8 @@ import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, served_input
+from model_repository.writer import DETECTION_OUTPUTS
 
 
 def error(message: str):
@@ -34,7 +36,10 @@ class TritonPythonModel:
         self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
                                    providers=["CPUExecutionProvider"])
         self.name = args["model_name"]
-        self.shape = tuple(int(d) for d in config["input"][0]["dims"])
+        self.input, self.shape, self.high = served_input(config)
+        self.logits = params["logits_output"]
+        # the model's own outputs (an imported model's), served beside the detection outputs
+        self.originals = [o["name"] for o in config["output"] if o["name"] not in DETECTION_OUTPUTS]
         self.metrics = DetectorMetrics(pb_utils, self.name)
         self.audit = params.get("audit") == "true"
 
@@ -45,8 +50,8 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         images, owners = [], []
         for i, request in enumerate(requests):
-            x = pb_utils.get_input_tensor_by_name(request, "images").as_numpy()
-            problem = image_problem(x, self.shape)
+            x = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
+            problem = image_problem(x, self.shape, self.high)
             if problem:
                 responses[i] = error(problem)
             else:
@@ -54,7 +59,9 @@ class TritonPythonModel:
                 owners.append((i, len(x)))
         if not owners:
             return responses
-        logits, acts = self.session.run(["logits", "activations"], {"images": np.concatenate(images)})
+        names = list(dict.fromkeys([self.logits, "activations", *self.originals]))
+        outputs = dict(zip(names, self.session.run(names, {self.input: np.concatenate(images)})))
+        logits, acts = outputs[self.logits].astype(np.float32, copy=False), outputs["activations"]
         rows, labels, answered = [], [], []
         start = 0
         for i, n in owners:
@@ -74,6 +81,8 @@ class TritonPythonModel:
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
         verdicts, kernel_s = self.detector.detect(labels, [acts], logits)
         self.metrics.record(verdicts, kernel_s)
-        for (i, _), out in zip(answered, response_tensors(logits, labels, verdicts, [n for _, n in answered], self.audit)):
+        for (i, _), s, out in zip(answered, rows, response_tensors(logits, labels, verdicts, [n for _, n in answered],
+                                                                    self.audit)):
+            out.update({name: outputs[name][s] for name in self.originals})
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses
