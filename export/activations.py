@@ -116,8 +116,10 @@ def default_layers(model: nn.Module, count: int = DEFAULT_LAYER_COUNT) -> list[s
 def _resolve(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, str]]:
     modules = dict(model.named_modules())
     resolved = []
+    tensors = getattr(model, "module_of", {})  # an imported ONNX graph's layers are named by tensor
     for spec in layers:
         name, where = parse_layer(spec)
+        name = tensors.get(name, name)
         if name not in modules or name == "":
             available = ", ".join(n for n in modules if n)
             raise LayerNotFoundError(f"layer {name!r} not found in {type(model).__name__}; available: {available}")

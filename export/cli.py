@@ -69,6 +69,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                         "for a robust classifier; 0 = none (default: %(default)s)")
     p.add_argument("--adversarial-epochs", type=int, default=d.adversarial_epochs,
                    help="epochs of adversarial training (default: %(default)s)")
+    _add_onnx_model(p)
 
 
 def _add_attack(p: argparse.ArgumentParser) -> None:
@@ -96,8 +97,9 @@ def _add_attack(p: argparse.ArgumentParser) -> None:
 
 def _add_capture(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", nargs="+", metavar="LAYER",
-                   help="module names to capture, 'name' for its output or 'name:input' for its input "
-                        "(default: outputs of the last four linear/conv layers, i.e. pre-activation values)")
+                   help="module names to capture, 'name' for its output or 'name:input' for its input; for a model "
+                        "trained with --onnx-model, graph tensor names (`nfp layers`) (default: outputs of the last "
+                        "four linear/conv layers, i.e. pre-activation values)")
     p.add_argument("--capture-batch-size", type=int, default=256, help="(default: %(default)s)")
 
 
@@ -264,6 +266,11 @@ def _train(args, ws, progress):
     from export import pipeline
     from export.training import TrainingConfig
 
+    if args.onnx_model:
+        from export.onnx_model import import_model
+
+        return import_model(ws, args.onnx_model, args.logits, args.input_scale)
+
     config = TrainingConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.train_seed,
                             adversarial_eps=args.adversarial_eps, adversarial_epochs=args.adversarial_epochs)
     return pipeline.train(ws, config, args.factory, args.factory_kwargs, args.weights, progress, args.pretrained)
@@ -308,30 +315,24 @@ def _search(args, ws, progress):
     return pipeline.search(ws, _search_config(args), progress)
 
 
-def _add_import_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True,
-                   help="your served classifier: a Triton model folder (config.pbtxt + <version>/model.onnx) or an "
-                        "ONNX file")
-    p.add_argument("--list-layers", action="store_true",
-                   help="print the graph's tensors with their shapes and the proposed layers, import nothing")
-    p.add_argument("--layers", nargs="+", metavar="TENSOR",
-                   help="graph tensors to fingerprint, by name (default: outputs of the last two Conv/Gemm/MatMul nodes)")
-    p.add_argument("--logits", help="the output holding pre-softmax class scores (default: the first output)")
-    p.add_argument("--scale", type=float,
-                   help="input value of a white pixel (default: 255 for UINT8 inputs, 1 for float ones)")
+def _add_onnx_model(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--onnx-model", type=Path, required=required,
+                   help="the classifier you already serve, a Triton model folder (config.pbtxt + <version>/model.onnx) "
+                        "or an ONNX file: used as is instead of training, its input and outputs kept when served")
+    p.add_argument("--logits", help="with --onnx-model: the output holding pre-softmax class scores (default: the first)")
+    p.add_argument("--input-scale", type=float,
+                   help="with --onnx-model: the input value of a white pixel (default: 255 for UINT8 inputs, else 1)")
 
 
-def _import_model(args, ws, progress):
-    from export.onnx_model import import_model, intermediate_tensors, proposed_layers, read_model
+def _layers(args, ws, progress):
+    from export.onnx_model import intermediate_tensors, proposed_layers, read_model
 
-    if args.list_layers:
-        onnx_path, contract = read_model(args.model, args.logits, args.scale)
-        proposed = proposed_layers(onnx_path)
-        rows = [f"| {'*' if t['name'] in proposed else ''} | `{t['name']}` | {t['op']} | {t['shape']} |"
-                for t in intermediate_tensors(onnx_path)]
-        return {"contract": contract.to_json(), "table": "| proposed | tensor | operator | shape |\n|---|---|---|---|\n"
-                + "\n".join(rows)}
-    return import_model(ws, args.model, args.layers, args.logits, args.scale)
+    onnx_path, contract = read_model(args.onnx_model, args.logits, args.input_scale)
+    proposed = proposed_layers(onnx_path)
+    rows = [f"| {'*' if t['name'] in proposed else ''} | `{t['name']}` | {t['op']} | {t['shape']} |"
+            for t in intermediate_tensors(onnx_path)]
+    return {"contract": contract.to_json(), "table": "| default | tensor | operator | shape |\n|---|---|---|---|\n"
+            + "\n".join(rows)}
 
 
 def _add_build_bank(p: argparse.ArgumentParser) -> None:
@@ -445,9 +446,9 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
                 _prepare),
     "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train],
               _train),
-    "import-model": ("use a classifier you already serve (ONNX file or Triton model folder) instead of training: "
-                     "its contract is kept, a torch copy (onnx2torch) runs the attacks", [_add_out, _add_import_model],
-                     _import_model),
+    "layers": ("list the tensors of an ONNX model or Triton model folder with their shapes, the default "
+               "fingerprinted ones marked (for capture --layers)", [_add_out, lambda p: _add_onnx_model(p, True)],
+               _layers),
     "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)",
                [_add_out, _add_quiet, _add_attack], _attack),
     "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],

@@ -1,7 +1,7 @@
 """Guarding a model that is already served: an ONNX file or a Triton model folder as the classifier.
 
-    nfp import-model --out runs/mine --model models/resnet --list-layers   # its tensors, with shapes
-    nfp import-model --out runs/mine --model models/resnet [--layers T1 T2]
+    nfp layers --onnx-model models/resnet                             # its tensors, with shapes
+    nfp pipeline --out runs/mine --onnx-model models/resnet [--layers T1 T2] --dataset my_photos/
 
 The user's model keeps its contract (:class:`Contract`, read from its ``config.pbtxt`` with
 tritonclient's model-config protobuf, or from the graph): input name, dtype (UINT8, FP16, FP32),
@@ -134,7 +134,7 @@ class OnnxClassifier(nn.Module):
     activation capture and white-box attacks run on it; :attr:`fingerprint_layers` are the default
     layers to capture."""
 
-    def __init__(self, path: str, contract: dict[str, Any], layers: list[str] | None = None) -> None:
+    def __init__(self, path: str, contract: dict[str, Any]) -> None:
         super().__init__()
         import onnx
         from onnx2torch import convert
@@ -152,7 +152,7 @@ class OnnxClassifier(nn.Module):
         self.module_of = {out: f"graph.{name}" for name, node in nodes.items() for out in node.output_values}
         self.tensor_of = {m: t for t, m in self.module_of.items()}
         self.output_index = [o.name for o in proto.graph.output].index(self.contract.logits)
-        self.fingerprint_layers = [self.module_of[t] for t in (layers or proposed_layers(Path(path)))]
+        self.fingerprint_layers = [self.module_of[t] for t in proposed_layers(Path(path))]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.permute(0, 2, 3, 1) if self.contract.layout == "NHWC" else images
@@ -164,9 +164,9 @@ class OnnxClassifier(nn.Module):
         return logits.float()
 
 
-def onnx_classifier(path: str, contract: dict[str, Any], layers: list[str] | None = None) -> OnnxClassifier:
+def onnx_classifier(path: str, contract: dict[str, Any]) -> OnnxClassifier:
     """The ``ClassifierSpec`` factory of an imported model (the workspace's copy of the user's graph)."""
-    return OnnxClassifier(path, contract, layers)
+    return OnnxClassifier(path, contract)
 
 
 def conversion_gap(model: OnnxClassifier, onnx_path: Path, images: np.ndarray) -> float:
@@ -246,8 +246,8 @@ def export_imported(model: OnnxClassifier, layout, user_onnx: Path, target: Path
                         round(time.perf_counter() - started, 2), len(images), d_logits, d_acts)
 
 
-def import_model(ws, path: Path, layers: list[str] | None = None, logits: str | None = None,
-                 scale: float | None = None, check_count: int = 64) -> dict[str, Any]:
+def import_model(ws, path: Path, logits: str | None = None, scale: float | None = None,
+                 check_count: int = 64) -> dict[str, Any]:
     """Make the user's model the workspace's classifier (instead of ``nfp train``): copy its graph and
     contract into the workspace, convert it, check the conversion on real images of the data set."""
     import time
@@ -265,16 +265,15 @@ def import_model(ws, path: Path, layers: list[str] | None = None, logits: str | 
 
     copy = ws.root / USER_MODEL
     onnx.save(onnx.load(str(onnx_path)), str(copy))  # one file: weights kept as external data come inside
-    names = layers or proposed_layers(copy)
     spec = ClassifierSpec("export.onnx_model:onnx_classifier", tuple(ds.image_shape), ds.num_classes,
-                          {"path": str(copy.resolve()), "contract": contract.to_json(), "layers": names})
+                          {"path": str(copy.resolve()), "contract": contract.to_json()})
     model = spec.build()
     gap = conversion_gap(model, copy, ds.x[splits.fit[:check_count]])
     (ws.root / CONTRACT).write_text(json.dumps(contract.to_json(), indent=2))
     acc = {name: round(accuracy(model, ds.x[idx], ds.y[idx]), 4) for name, idx in splits.as_dict().items()}
-    results = {"accuracy": acc, "trained": False, "conversion_max_abs_diff": gap, "layers": names,
-               "contract": contract.to_json()}
+    results = {"accuracy": acc, "trained": False, "conversion_max_abs_diff": gap,
+               "default_layers": [model.tensor_of[m] for m in model.fingerprint_layers], "contract": contract.to_json()}
     save_checkpoint(model, spec, ws.classifier, results)
-    ws.record("train", {"imported": str(path), "layers": names}, [copy, ws.root / CONTRACT, ws.classifier,
+    ws.record("train", {"imported": str(path), "logits": logits, "scale": scale}, [copy, ws.root / CONTRACT, ws.classifier,
                                                                    ws.classifier.with_suffix(".json")], started, results)
     return results

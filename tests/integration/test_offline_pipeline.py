@@ -51,8 +51,8 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", ["prepare", "train", "attack", "capture", "search", "harden", "calibrate", "evaluate",
-                                     "export", "serve", "rotate", "build-bank", "import-model", "predict", "whitebox", "demo", "study",
-                                     "synthetic-bank", "pipeline"])
+                                     "export", "serve", "rotate", "build-bank", "layers", "predict", "whitebox", "demo",
+                                     "study", "synthetic-bank", "pipeline"])
 def test_every_subcommand_explains_itself_and_each_of_its_options_is_read(command, capsys):
     """A flag the code never reads would be a lie in --help: every option's value must be read as
     ``args.<name>`` by the command line's code."""
