@@ -184,8 +184,9 @@ def capture_activations(
     layers = list(layers) if layers else default_layers(model)
     resolved = _resolve(model, layers)
     model.eval()
+    device = next(model.parameters()).device  # a model moved to a GPU captures there
     with recorded(model, resolved) as captured:
-        model(torch.from_numpy(np.ascontiguousarray(x[:1])))  # one image tells each layer's shape
+        model(torch.from_numpy(np.ascontiguousarray(x[:1])).to(device))  # one image tells each layer's shape
         for i, (name, _) in enumerate(resolved):
             if i not in captured:
                 raise LayerNotFoundError(f"layer {name!r} did not run in the forward pass; it cannot be captured")
@@ -200,15 +201,16 @@ def capture_activations(
                 if out is not None else np.empty((len(x), d), dtype=np.float32))
         logits = None
         for start in tqdm(range(0, len(x), batch_size), desc="capture", unit="batch", disable=not progress):
-            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+            batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size])).to(device)
             captured.clear()
             z = model(batch)
             if return_logits:
                 if logits is None:
                     logits = np.empty((len(x), z.shape[1]), dtype=np.float32)
-                logits[start : start + len(batch)] = z.float().numpy()
+                logits[start : start + len(batch)] = z.float().cpu().numpy()
             for i in range(len(resolved)):
-                acts[start : start + len(batch), offsets[i] : offsets[i + 1]] = captured[i].reshape(len(batch), -1).numpy()
+                acts[start : start + len(batch), offsets[i] : offsets[i + 1]] = (
+                    captured[i].reshape(len(batch), -1).cpu().numpy())
     if out is not None:
         acts.flush()
     return (acts, layout, logits) if return_logits else (acts, layout)

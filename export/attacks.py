@@ -179,7 +179,13 @@ def art_classifier(model: nn.Module, input_shape: tuple[int, ...], num_classes: 
 
     model.eval()
     return PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=tuple(input_shape),
-                             nb_classes=num_classes, clip_values=(0.0, 1.0), device_type="cpu")
+                             nb_classes=num_classes, clip_values=(0.0, 1.0), device_type=device_type(model))
+
+
+def device_type(model: nn.Module) -> str:
+    """ART's name of the device ``model`` lives on: ``"gpu"`` for a CUDA model, else ``"cpu"``."""
+    param = next(model.parameters(), None)
+    return "gpu" if param is not None and param.is_cuda else "cpu"
 
 
 def make_art_attack(spec: AttackSpec, classifier, batch_size: int = 128, progress: bool = False):

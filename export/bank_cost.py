@@ -1,6 +1,7 @@
 """What a bank costs to build, and what Ray buys: one run, printed side by side.
 
-    python -m export.bank_cost --out runs/default [--images 24] [--classes 4 --per-class 30]
+    python -m export.bank_cost --out runs/default [--images 24] [--classes 4 --per-class 60]
+    python -m export.bank_cost --models efficientnet --device cuda --images 64 --skip-speedup   # on a GPU
 
 1. Per image, with one torch thread (a Ray shard's setting, so the figures are core-seconds): the
    bank's targeted attack (the L-inf ladder of :func:`export.attacks.attack_into_classes`, a failed
@@ -8,6 +9,8 @@
    (``--out``) and for EfficientNet-Lite0 (ImageNet weights, 224 x 224, the ``default`` attack profile,
    on natural photos from scikit-image). From them, the projected time of a 1,000-class bank with 300
    attacked images per class, on one core, on this machine, and the cores that build it in an hour.
+   With ``--device cuda`` the same on one GPU (the attack batches all ``--images`` at once), in
+   GPU-hours.
 2. ``nfp build-bank`` on ``--classes`` classes of the ``--out`` workspace on a local Ray cluster of 1
    and of 2 CPUs (same shards, fresh copies), wall time of each from the first shard sent to the merged
    bank, and the ratio.
@@ -27,7 +30,8 @@ CLASSES, PER_CLASS = 1000, 300  # the projected bank
 
 
 def per_image_cost(model, x: np.ndarray, y: np.ndarray, num_classes: int, profile: str, layers=None) -> dict:
-    """Seconds per image of the bank's targeted attack into one class and of capture, one thread."""
+    """Seconds per image of the bank's targeted attack into one class and of capture, on the model's
+    device (one torch thread on a CPU)."""
     import torch
 
     from export.activations import capture_activations
@@ -37,12 +41,14 @@ def per_image_cost(model, x: np.ndarray, y: np.ndarray, num_classes: int, profil
     target = int(np.bincount(y, minlength=num_classes).argmin())  # a class none (or few) of the images has
     keep = y != target
     x, y = x[keep], y[keep]
+    attack_into_classes(model, x[:2], y[:2], np.arange(2), num_classes, attack_defaults(profile), per_class=2,
+                        progress=False, into=[target])  # warm-up (CUDA kernels, allocator)
     start = time.perf_counter()
     results = attack_into_classes(model, x, y, np.arange(len(x)), num_classes, attack_defaults(profile),
                                   per_class=len(x), seed=0, progress=False, into=[target])
     attack_s = (time.perf_counter() - start) / len(x)
     start = time.perf_counter()
-    capture_activations(model, x, layers, batch_size=32, progress=False)
+    capture_activations(model, x, layers, batch_size=64, progress=False)
     capture_s = (time.perf_counter() - start) / len(x)
     success = sum(int(r.success.sum()) for r in results) / len(x)
     return {"images": len(x), "attack_s": attack_s, "capture_s": capture_s, "success": success,
@@ -87,35 +93,43 @@ def speedup(out: Path, classes: int, per_class: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/default"), help="a trained pipeline workspace (MNIST CNN)")
+    p.add_argument("--models", nargs="+", choices=["mnist", "efficientnet"], default=["mnist", "efficientnet"],
+                   help="which models' per-image costs (default: both)")
+    p.add_argument("--device", default="cpu", help="torch device of the per-image costs, e.g. cuda (default: cpu)")
     p.add_argument("--images", type=int, default=24, help="images attacked per model (default: %(default)s)")
     p.add_argument("--classes", type=int, default=4, help="classes of the 1-vs-2-worker build (default: %(default)s)")
     p.add_argument("--per-class", type=int, default=60, help="images per class there (default: %(default)s)")
     p.add_argument("--skip-speedup", action="store_true", help="only the per-image costs")
     args = p.parse_args(argv)
-
-    from export.efficientnet_lite import efficientnet_lite0
-    from export.pipeline import load_classifier, load_prepared
-    from export.workspace import Workspace
-
-    ws = Workspace(args.out)
-    ds, splits, meta = load_prepared(ws)
-    rows = {"MNIST CNN": per_image_cost(load_classifier(ws).eval(), ds.x[splits.fit[: args.images]],
-                                        ds.y[splits.fit[: args.images]], ds.num_classes, meta["dataset"])}
-    net = efficientnet_lite0(pretrained=True).eval()
-    x = imagenet_photos(args.images)
     import torch
 
-    with torch.no_grad():
-        y = net(torch.from_numpy(x[:5])).argmax(1).numpy()
-    rows["EfficientNet-Lite0"] = per_image_cost(net, x, np.resize(y, len(x)), 1000, "default")
-    cores = os.cpu_count() or 1
-    print(f"per image, one torch thread ({cores}-core machine); projection: {CLASSES} classes x {PER_CLASS} images")
-    print(f"{'model':>20} | {'attack s':>9} {'capture s':>9} {'success':>7} | {'1 core h':>9} {'this machine h':>14} "
-          f"{'cores for 1 h':>13}")
+    rows = {}
+    if "mnist" in args.models:
+        from export.pipeline import load_classifier, load_prepared
+        from export.workspace import Workspace
+
+        ws = Workspace(args.out)
+        ds, splits, meta = load_prepared(ws)
+        rows["MNIST CNN"] = per_image_cost(load_classifier(ws).eval().to(args.device), ds.x[splits.fit[: args.images]],
+                                           ds.y[splits.fit[: args.images]], ds.num_classes, meta["dataset"])
+    if "efficientnet" in args.models:
+        from export.efficientnet_lite import efficientnet_lite0
+
+        net = efficientnet_lite0(pretrained=True).eval().to(args.device)
+        x = imagenet_photos(args.images)
+        with torch.no_grad():
+            y = net(torch.from_numpy(x[:5]).to(args.device)).argmax(1).cpu().numpy()
+        rows["EfficientNet-Lite0"] = per_image_cost(net, x, np.resize(y, len(x)), 1000, "default")
+    gpu = args.device != "cpu"
+    unit, workers = ("GPU", 1) if gpu else ("core", os.cpu_count() or 1)
+    where = torch.cuda.get_device_name() if gpu else f"one torch thread, {workers}-core machine"
+    print(f"per image ({where}); projection: {CLASSES} classes x {PER_CLASS} images")
+    print(f"{'model':>20} | {'attack s':>9} {'capture s':>9} {'success':>7} | {'1 ' + unit + ' h':>9} "
+          f"{'this machine h':>14} {unit + 's for 1 h':>13}")
     for name, r in rows.items():
-        core_h = CLASSES * PER_CLASS * (r["attack_s"] + r["capture_s"]) / 3600
-        print(f"{name:>20} | {r['attack_s']:>9.4f} {r['capture_s']:>9.4f} {r['success']:>7.0%} | {core_h:>9.1f} "
-              f"{core_h / cores:>14.1f} {int(np.ceil(core_h)):>13}")
+        unit_h = CLASSES * PER_CLASS * (r["attack_s"] + r["capture_s"]) / 3600
+        print(f"{name:>20} | {r['attack_s']:>9.4f} {r['capture_s']:>9.4f} {r['success']:>7.0%} | {unit_h:>9.1f} "
+              f"{unit_h / workers:>14.1f} {int(np.ceil(unit_h)):>13}")
     if not args.skip_speedup:
         t = speedup(args.out, args.classes, args.per_class)
         print(f"nfp build-bank, {args.classes} classes x {args.per_class} images, MNIST CNN: 1 Ray worker {t[1]:.1f} s, "

@@ -66,7 +66,15 @@ def class_shard(model, x: np.ndarray, y: np.ndarray, source: np.ndarray, num_cla
     fingerprints as arrays plus what it cost."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the shard's arrays must not depend on the worker's core count
+    try:
+        return _shard(model, x, y, source, num_classes, plan, c)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _shard(model, x, y, source, num_classes, plan, c) -> dict[str, Any]:
     started = time.perf_counter()
     defaults = AttackDefaults(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.defaults.items()})
     results = attack_into_classes(model, x, y, source, num_classes, defaults, plan.per_class,

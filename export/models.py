@@ -174,6 +174,7 @@ def load_checkpoint(weights: Path) -> tuple[nn.Module, ClassifierSpec]:
 def predict(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Logits ``(N, num_classes) float32`` of images ``(N, C, H, W) float32`` in eval mode."""
     model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).numpy()
+    device = next(model.parameters()).device
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size])).to(device)).cpu().numpy()
            for i in range(0, len(x), batch_size)]
     return np.concatenate(out)

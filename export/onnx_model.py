@@ -111,7 +111,7 @@ def intermediate_tensors(onnx_path: Path) -> list[dict[str, Any]]:
     for node in model.graph.node:
         for out in node.output:
             v = info.get(out)
-            if v is not None and v.type.tensor_type.elem_type in (1, 10):
+            if v is not None and v.type.tensor_type.elem_type in (1, 10) and node.op_type != "Constant":
                 tensors.append({"name": out, "shape": _dims(v), "op": node.op_type})
     return tensors
 

@@ -64,7 +64,8 @@ class MaxSoftmax(Detector):
 class Mahalanobis(Detector):
     """Minus the squared Mahalanobis distance of ``acts[:, neurons]`` to the clean mean of the predicted
     class, with the clean covariance pooled over classes (Lee et al., 2018, without input
-    pre-processing); :meth:`fit` estimates both from clean activations.
+    pre-processing); :meth:`fit` estimates both from clean activations. An input predicted as a class
+    the clean data did not hold is not checked (score NaN, never flagged).
 
     Args:
         neurons: which activation columns (e.g. one layer's slice of the layout); default all.
@@ -82,7 +83,8 @@ class Mahalanobis(Detector):
         x = np.asarray(clean.need("acts", self.name))[:, self.neurons].astype(np.float64)
         y = np.asarray(clean.labels, np.int64)
         classes = int(y.max()) + 1
-        self.means = np.zeros((classes, x.shape[1]))
+        self.means, self.seen = np.zeros((classes, x.shape[1])), np.zeros(classes, bool)
+        self.seen[np.unique(y)] = True
         for c in np.unique(y):
             self.means[c] = x[y == c].mean(axis=0)
         r = x - self.means[y]
@@ -95,7 +97,13 @@ class Mahalanobis(Detector):
         if self.means is None:
             raise InvalidInputError("the mahalanobis detector is not fitted: call fit() on clean activations")
         labels = np.asarray(obs.labels, np.int64)
-        if labels.max(initial=0) >= len(self.means):
-            raise InvalidInputError(f"labels must lie in [0, {len(self.means)}), the classes it was fitted on")
-        d = np.asarray(obs.need("acts", self.name))[:, self.neurons].astype(np.float64) - self.means[labels]
-        return -np.einsum("ij,jk,ik->i", d, self.precision, d), *_nothing_drawn(len(d))
+        if labels.min(initial=0) < 0:
+            raise InvalidInputError(f"labels must be class indices, got {labels.min()}")
+        # a class without clean data has no mean: the input is not checked (never flagged), as the
+        # fingerprints leave a class without fingerprints unchecked
+        known = labels < len(self.means)
+        known[known] = self.seen[labels[known]]
+        scores = np.full(len(labels), np.nan)
+        d = np.asarray(obs.need("acts", self.name))[known][:, self.neurons].astype(np.float64) - self.means[labels[known]]
+        scores[known] = -np.einsum("ij,jk,ik->i", d, self.precision, d)
+        return scores, known, np.zeros((len(labels), 0), np.int64)

@@ -33,6 +33,17 @@ def test_mahalanobis_is_the_distance_to_the_predicted_class_mean_under_the_poole
     assert checked.all() and draws.shape == (5, 0)
 
 
+def test_mahalanobis_never_flags_a_class_it_has_no_clean_data_for():
+    """An ImageNet model whose clean data holds classes 0 and 2: an input predicted as 1 (between them) or
+    as 7 (beyond them) has no class mean: it is not checked, as the fingerprints leave such a class."""
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 2], 50)
+    det = Mahalanobis().fit(Observations(y, acts=rng.normal(size=(100, 3)).astype(np.float32)))
+    got, checked, _ = det.raw_scores(Observations(np.array([0, 1, 7, 2]), acts=rng.normal(size=(4, 3)).astype(np.float32)))
+    assert checked.tolist() == [True, False, False, True]
+    assert np.isfinite(got[[0, 3]]).all() and np.isnan(got[[1, 2]]).all()
+
+
 def test_a_baseline_is_calibrated_and_asked_like_any_detector():
     rng = np.random.default_rng(2)
     images = rng.choice([0.0, 1.0], size=(2000, 1, 8, 8)).astype(np.float32)  # black and white: clean
