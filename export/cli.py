@@ -324,15 +324,16 @@ def _add_onnx_model(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="with --onnx-model: the input value of a white pixel (default: 255 for UINT8 inputs, else 1)")
 
 
-def _layers(args, ws, progress):
+def layers_table(args: argparse.Namespace) -> str:
+    """``nfp layers``: the contract and the tensors of an ONNX model, the default layers marked."""
     from export.onnx_model import intermediate_tensors, proposed_layers, read_model
 
     onnx_path, contract = read_model(args.onnx_model, args.logits, args.input_scale)
     proposed = proposed_layers(onnx_path)
     rows = [f"| {'*' if t['name'] in proposed else ''} | `{t['name']}` | {t['op']} | {t['shape']} |"
             for t in intermediate_tensors(onnx_path)]
-    return {"contract": contract.to_json(), "table": "| default | tensor | operator | shape |\n|---|---|---|---|\n"
-            + "\n".join(rows)}
+    return (json.dumps({"model": str(onnx_path), "contract": contract.to_json()}, indent=2)
+            + "\n\n| default | tensor | operator | shape |\n|---|---|---|---|\n" + "\n".join(rows))
 
 
 def _add_build_bank(p: argparse.ArgumentParser) -> None:
@@ -447,8 +448,7 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
     "train": ("train the classifier on the fit split, or load your model's weights", [_add_out, _add_quiet, _add_train],
               _train),
     "layers": ("list the tensors of an ONNX model or Triton model folder with their shapes, the default "
-               "fingerprinted ones marked (for capture --layers)", [_add_out, lambda p: _add_onnx_model(p, True)],
-               _layers),
+               "fingerprinted ones marked (for capture --layers)", [lambda p: _add_onnx_model(p, True)], None),
     "attack": ("targeted attacks into every class (bank data) and evaluation attacks (ART)",
                [_add_out, _add_quiet, _add_attack], _attack),
     "capture": ("capture the fingerprinted layers' activations of every image set", [_add_out, _add_quiet, _add_capture],
@@ -513,6 +513,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.command == "serve":
         serve(args)
+        return
+    if args.command == "layers":
+        print(layers_table(args))
         return
     from export.workspace import Workspace
 

@@ -77,6 +77,18 @@ def test_the_pipeline_runs_from_the_users_model_folder_and_keeps_its_contract(gu
     assert "Served by Triton over gRPC" in printed
 
 
+def test_layers_lists_the_users_graph_tensors_with_shapes_and_marks_the_default(guarded, capsys):
+    from export.cli import main
+
+    folder, out, _ = guarded
+    assert main(["layers", "--onnx-model", str(folder)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "`" in line]
+    marked = [line.split("`")[1] for line in rows if line.startswith("| * ")]
+    train = json.loads((out / "manifest.json").read_text())["stages"]["train"]["results"]
+    assert marked == train["default_layers"]
+    assert any("Gemm" in line and "'batch', 256]" in line for line in rows)
+
+
 def test_detection_matches_the_torch_started_pipeline_on_the_same_data(guarded, tiny_run):
     from export.defences import bank_overlap
     from kernels.bank import Bank
