@@ -15,8 +15,9 @@ import numpy as np
 
 def image_problem(images: np.ndarray, shape: tuple[int, ...] | None = None, high: float | None = 1.0) -> str | None:
     """Why a request's images ``(B, C, H, W)`` with values in [0, ``high``] (each of ``shape``, if given;
-    no range where ``high`` is None, as for UINT8 pixels) cannot be classified, or None. Triton 2.51 keeps the batch dimension modulo 2^32: a request declaring a batch
-    of 2^32 reaches the model without one, which is refused here (2^32 + n arrives as a batch of n)."""
+    no range where ``high`` is None, as for UINT8 pixels) cannot be classified, or None. Triton 2.51
+    keeps the batch dimension modulo 2^32: a request declaring a batch of 2^32 reaches the model without
+    one, which is refused here (2^32 + n arrives as a batch of n)."""
     if images.ndim != 4:
         return (f"images must be a batch (B, C, H, W), got {images.ndim} dimensions {images.shape}; "
                 "a batch size of 2^32 or more is not representable")

@@ -68,7 +68,9 @@ def _die_with_parent() -> None:
 
 
 def load_model(url: str, model: str, admin_key: str, timeout_s: float = 300) -> None:
-    """Ask the server at ``url`` to (re)load ``model`` (see :meth:`TritonServer.load`)."""
+    """Ask the server at ``url`` to (re)load ``model`` (Triton's model control, with the server's admin
+    key): its latest version replaces the one serving once it is ready, without a gap; if it fails to
+    load, the old one keeps serving and :class:`ServerError` carries Triton's reason."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -201,12 +203,6 @@ class TritonServer:
             time.sleep(0.2)
         self.stop()
         raise ServerError(f"tritonserver not ready after {READY_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def load(self, model: str) -> None:
-        """(Re)load ``model`` (Triton's model control, with the admin key): its latest version replaces the
-        one serving once it is ready, without a gap; if it fails to load, the old one keeps serving and
-        :class:`ServerError` carries Triton's reason."""
-        load_model(self.grpc_url, model, self.admin_key)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; remove this server's shared-memory regions."""

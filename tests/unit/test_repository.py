@@ -58,3 +58,39 @@ def test_the_draws_are_no_output_unless_the_repository_is_written_for_audit(bank
         assert "fingerprint_ids" not in [o.name for o in config.output], name
         assert all("fingerprint_ids" not in s.output_map for s in config.ensemble_scheduling.step)
     assert configs["fingerprint_detector"].parameters["audit"].string_value == "false"
+
+
+def test_an_unexpected_failure_in_a_model_is_logged_in_full_and_answered_without_internals():
+    """``answered_safely`` stands between Triton and each model's ``execute``; Triton's Python-backend
+    module exists only inside its stub, so its three names are given here as plain stand-ins."""
+    from types import SimpleNamespace
+
+    from model_repository.serving import answered_safely
+
+    logged = []
+    pb = SimpleNamespace(Logger=SimpleNamespace(log_error=logged.append), TritonError=lambda m: m,
+                         InferenceResponse=lambda error: SimpleNamespace(error=error))
+
+    def crash(requests):
+        raise RuntimeError("[ONNXRuntimeError] /srv/models/classifier/1/model.onnx: bad node")
+
+    answers = answered_safely(pb, "classifier", crash, ["r1", "r2"])
+    assert [a.error for a in answers] == ["internal error in model classifier (RuntimeError); details are in the "
+                                          "server's log"] * 2
+    assert "/srv/models" in logged[0] and "Traceback" in logged[0]
+    assert answered_safely(pb, "classifier", lambda requests: ["ok"] * len(requests), ["r"]) == ["ok"]
+
+
+@pytest.mark.parametrize("damage", ["truncated npz", "invalid json"])
+def test_a_corrupt_bank_stops_serve_with_one_line_naming_the_file(tiny_run, tmp_path, damage, capsys):
+    import shutil
+
+    from export.cli import main
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[0], out, ignore=shutil.ignore_patterns("activations", "attacks", "repository"))
+    target = out / "bank" / ("bank.npz" if damage == "truncated npz" else "bank.json")
+    target.write_bytes(target.read_bytes()[:200])
+    assert main(["serve", "--out", str(out), "--write-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nfp serve: error: bank") and target.name in err[0]
