@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.contract import served_images
+from kernels.contract import ServedInput
 from kernels.errors import FingerprintError, InvalidInputError
 
 ENSEMBLE = "guarded_classifier"
@@ -57,24 +57,6 @@ class Detection:
         return self.probabilities.max(axis=1)
 
 
-@dataclass(frozen=True)
-class ServedInput:
-    """The served model's image input (its config): name, Triton dtype, layout and the value of white."""
-
-    name: str = "images"
-    data_type: str = "TYPE_FP32"
-    layout: str = "NCHW"
-    scale: float = 1.0
-
-    @classmethod
-    def from_config(cls, config: dict) -> "ServedInput":
-        (image,) = config["input"]
-        data_type = image.get("data_type", "TYPE_FP32")
-        high = config.get("parameters", {}).get("input_range", {}).get("string_value", "1")
-        return cls(image["name"], data_type, "NHWC" if image.get("format") == "FORMAT_NHWC" else "NCHW",
-                   255.0 if data_type == "TYPE_UINT8" else float(high or 1))
-
-
 def _inputs(grpc, images: np.ndarray, served: ServedInput = ServedInput()):
     """The request tensors of ``images (B, C, H, W) float32`` in [0, 1], in the ``served`` input's name,
     layout, scale and dtype, for the tritonclient module ``grpc``."""
@@ -83,7 +65,7 @@ def _inputs(grpc, images: np.ndarray, served: ServedInput = ServedInput()):
         raise InvalidInputError(f"images must be float32, got {images.dtype}")
     if images.ndim != 4 or len(images) == 0:
         raise InvalidInputError(f"images must be a non-empty (B, C, H, W) array, got shape {images.shape}")
-    x = served_images(images, served.data_type, served.layout, served.scale)
+    x = served.images(images)
     tensor = grpc.InferInput(served.name, list(x.shape), served.data_type.removeprefix("TYPE_"))
     tensor.set_data_from_numpy(x)
     return [tensor]  # no outputs named: the server answers all it has (fingerprint_ids only if audited)

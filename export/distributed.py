@@ -32,6 +32,7 @@ import numpy as np
 
 from export.activations import ActivationLayout, capture_activations
 from export.attacks import AttackDefaults, attack_defaults, attack_into_classes, merge_results
+from export.datasets import Dataset, Splits
 from export.pipeline import (
     DEFAULT_TRAIN_PER_CLASS,
     bank_dir,
@@ -121,11 +122,10 @@ def fingerprints(shard: dict[str, Any]) -> ClassFingerprints:
                              int(shard["passed"]))
 
 
-def _plan(ws: Workspace, per_class: int, seed: int, config: SearchConfig, layers: Sequence[str] | None,
-          classes: Sequence[int] | None, profile: str | None) -> BankPlan:
+def _plan(ws: Workspace, ds: Dataset, meta: dict[str, Any], per_class: int, seed: int, config: SearchConfig,
+          layers: Sequence[str] | None, classes: Sequence[int] | None, profile: str | None) -> BankPlan:
     from kernels.bank import sha256_file
 
-    ds, _, meta = load_prepared(ws)
     defaults = attack_defaults(profile or meta["dataset"])
     chosen = sorted(set(range(ds.num_classes) if classes is None else classes))
     if not chosen or chosen[0] < 0 or chosen[-1] >= ds.num_classes:
@@ -143,7 +143,8 @@ def build_bank(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, seed: in
     capture the calibration split. A Ray task whose worker dies is retried ``max_retries`` times; past
     that the run stops with the count of shards done, and running it again resumes."""
     started = time.time()
-    plan = _plan(ws, per_class, seed, config, layers, classes, profile)
+    ds, splits, meta = load_prepared(ws)  # once: a folder of photos is read again on every load
+    plan = _plan(ws, ds, meta, per_class, seed, config, layers, classes, profile)
     folder = ws.root / SHARDS
     folder.mkdir(parents=True, exist_ok=True)
     plan_file = folder / "plan.json"
@@ -152,7 +153,6 @@ def build_bank(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, seed: in
                                 f"to start over, or run with the same options to resume")
     plan_file.write_text(json.dumps(asdict(plan), indent=2))
     todo = [c for c in plan.classes if not shard_path(ws, c).exists()]
-    ds, splits, _ = load_prepared(ws)
     model = load_classifier(ws).eval()
     fit = correctly_classified(model, ds, splits.fit)
     args = (ds.x[fit], ds.y[fit], fit, ds.num_classes, plan)
@@ -164,7 +164,7 @@ def build_bank(ws: Workspace, per_class: int = DEFAULT_TRAIN_PER_CLASS, seed: in
             save_shard(ws, class_shard(model, *args, c))
     elif todo:
         _on_ray(ws, model, args, todo, len(plan.classes), workers, ray_address, max_retries, progress)
-    return merge_shards(ws, plan, model, computed, started)
+    return merge_shards(ws, ds, splits, meta, plan, model, computed, started)
 
 
 def _on_ray(ws, model, args, todo: list[int], total: int, workers: int | None, address: str | None,
@@ -201,10 +201,10 @@ def _on_ray(ws, model, args, todo: list[int], total: int, workers: int | None, a
             ray.shutdown()
 
 
-def merge_shards(ws: Workspace, plan: BankPlan, model, computed: int, started: float) -> dict[str, Any]:
+def merge_shards(ws: Workspace, ds: Dataset, splits: Splits, meta: dict[str, Any], plan: BankPlan, model,
+                 computed: int, started: float) -> dict[str, Any]:
     """The shards of ``plan``, in class order, packed into ``bank/`` (classes outside the plan get no
     fingerprints); then the calibration split's activations in the layout the shards used."""
-    ds, splits, meta = load_prepared(ws)
     shards = {c: load_shard(ws, c) for c in plan.classes}
     layouts = {s["layout"] for s in shards.values()}
     if len(layouts) != 1:

@@ -48,10 +48,15 @@ def _dims(value_info) -> list[int | str]:
     return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in value_info.type.tensor_type.shape.dim]
 
 
+def _layout(dims: list[int]) -> str:
+    """A layout nobody stated, from one image's dims: NHWC when the last is 1 or 3 and the first is not."""
+    return "NHWC" if len(dims) == 3 and dims[-1] in (1, 3) and dims[0] not in (1, 3) else "NCHW"
+
+
 def read_model(path: Path, logits: str | None = None, scale: float | None = None) -> tuple[Path, Contract]:
     """The ONNX file and the contract of ``path``: a Triton model folder (``config.pbtxt`` and a version
-    folder with the ONNX file; the highest version) or an ONNX file (contract from the graph: NHWC when
-    the last dim is 1 or 3 and the first is not)."""
+    folder with the ONNX file; the highest version) or an ONNX file (contract from the graph); a layout
+    neither states is guessed (:func:`_layout`)."""
     import onnx
 
     path = Path(path)
@@ -72,9 +77,7 @@ def read_model(path: Path, logits: str | None = None, scale: float | None = None
             raise InvalidInputError(f"{path}: one image input is supported, the config has {len(config.input)}")
         (inp,) = config.input
         dims = list(inp.dims)
-        layout = "NHWC" if inp.format == mc.ModelInput.FORMAT_NHWC else "NCHW"
-        if inp.format == mc.ModelInput.FORMAT_NONE and len(dims) == 3 and dims[-1] in (1, 3) and dims[0] not in (1, 3):
-            layout = "NHWC"
+        layout = {mc.ModelInput.FORMAT_NHWC: "NHWC", mc.ModelInput.FORMAT_NCHW: "NCHW"}.get(inp.format, _layout(dims))
         if config.max_batch_size == 0:
             raise InvalidInputError(f"{path}: max_batch_size 0 (no batch dimension) is not supported")
         outputs = [{"name": o.name, "data_type": mc.DataType.Name(o.data_type), "dims": list(o.dims)} for o in config.output]
@@ -90,7 +93,7 @@ def read_model(path: Path, logits: str | None = None, scale: float | None = None
             raise InvalidInputError(f"{path}: one image input is supported, the graph has {[i.name for i in inputs]}")
         (inp,) = inputs
         dims = [int(d) for d in _dims(inp)[1:]]
-        layout = "NHWC" if len(dims) == 3 and dims[-1] in (1, 3) and dims[0] not in (1, 3) else "NCHW"
+        layout = _layout(dims)
         input_name, input_type = inp.name, _type_name(inp.type.tensor_type.elem_type)
         outputs = [{"name": o.name, "data_type": "TYPE_" + onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type)
                     .replace("FLOAT16", "FP16").replace("FLOAT", "FP32"), "dims": [int(d) for d in _dims(o)[1:]]}

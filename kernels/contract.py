@@ -2,8 +2,8 @@
 
 The offline pipeline works on images ``(B, C, H, W)`` float in [0, 1]. A model the user already serves
 may take ``UINT8`` NHWC pixels under another input name (``export.onnx_model`` imports it); the
-writer serves that contract unchanged, and the client turns its images into it
-(:meth:`Contract.served_images`). A torch-started pipeline has the default contract: ``images`` FP32
+writer serves that contract unchanged; the served models read their input back from their configs
+and clients turn their images into it (:class:`ServedInput`). A torch-started pipeline has the default contract: ``images`` FP32
 NCHW in [0, 1], output ``logits``.
 """
 from __future__ import annotations
@@ -77,10 +77,33 @@ class Contract:
         """Images ``(B, C, H, W)`` float in [0, 1] as this model takes them (layout, scale, dtype)."""
         return served_images(images, self.input_type, self.layout, self.scale)
 
+
+@dataclass(frozen=True)
+class ServedInput:
+    """A served model's image input as its Triton config states it (the JSON form): what the models check
+    and what clients send. The writer records the contract's scale as the ``input_scale`` parameter."""
+
+    name: str = "images"
+    data_type: str = "TYPE_FP32"
+    dims: tuple[int, ...] = ()
+    layout: str = "NCHW"
+    scale: float = 1.0
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ServedInput":
+        (image,) = config["input"]
+        scale = config.get("parameters", {}).get("input_scale", {}).get("string_value", "1")
+        return cls(image["name"], image.get("data_type", "TYPE_FP32"), tuple(int(d) for d in image["dims"]),
+                   "NHWC" if image.get("format") == "FORMAT_NHWC" else "NCHW", float(scale))
+
     @property
-    def value_range(self) -> float | None:
-        """The largest valid input value, checked by the served models; None where the dtype bounds it."""
-        return None if self.input_type == "TYPE_UINT8" else self.scale
+    def high(self) -> float | None:
+        """The largest valid value, checked by the served models; None where the dtype bounds it (UINT8)."""
+        return None if self.data_type == "TYPE_UINT8" else self.scale
+
+    def images(self, images: np.ndarray) -> np.ndarray:
+        """Images ``(B, C, H, W)`` float in [0, 1] as this input takes them."""
+        return served_images(images, self.data_type, self.layout, self.scale)
 
 
 def default_contract(image_shape, num_classes: int) -> Contract:

@@ -37,14 +37,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def served_input(config: dict) -> tuple[str, tuple[int, ...], float | None]:
-    """The image input of a model's config (Triton's JSON form): its name, one image's dims, and the
-    largest valid value (the ``input_range`` parameter; None: the dtype bounds it, as for UINT8)."""
-    (image,) = config["input"]
-    high = config.get("parameters", {}).get("input_range", {}).get("string_value", "1")
-    return image["name"], tuple(int(d) for d in image["dims"]), float(high) if high else None
-
-
 def answered_safely(pb_utils, model: str, execute, requests) -> list:
     """``execute(requests)``, except that an unexpected exception (a bug, an onnxruntime failure) is
     written to the server's log in full and answered to each request of the call with a short error

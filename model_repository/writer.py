@@ -101,8 +101,7 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
                _tensor("checked", "TYPE_BOOL", [1])] + [_tensor("fingerprint_ids", "TYPE_INT64", [m])] * cfg.audit
     guarded = [_tensor(o["name"], o["data_type"], o["dims"]) for o in originals] + results
     head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
-    value_range = "" if contract.value_range is None else f"{contract.value_range:g}"
-    interface = (f'parameters {{ key: "input_range" value: {{ string_value: "{value_range}" }} }}\n'
+    interface = (f'parameters {{ key: "input_scale" value: {{ string_value: "{contract.scale:g}" }} }}\n'
                  + f'parameters {{ key: "logits_output" value: {{ string_value: "{contract.logits}" }} }}\n')
     if profile == "cpu":
         classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images])

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from kernels.contract import ServedInput
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import answered_safely, served_input
+from model_repository.serving import answered_safely
 from model_repository.signing import verify_if_required
-
 
 
 class TritonPythonModel:
@@ -28,7 +28,7 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
         self.name = args["model_name"]
-        self.input, self.shape, self.high = served_input(config)
+        self.served = ServedInput.from_config(config)
         self.outputs = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
@@ -38,8 +38,8 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         batch, owners = [], []
         for i, request in enumerate(requests):
-            images = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
-            problem = image_problem(images, self.shape, self.high)
+            images = pb_utils.get_input_tensor_by_name(request, self.served.name).as_numpy()
+            problem = image_problem(images, self.served.dims, self.served.high)
             if problem:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
             else:
@@ -47,7 +47,7 @@ class TritonPythonModel:
                 owners.append((i, len(images), request.requested_output_names()))
         if batch:
             names = [n for n in self.outputs if any(n in wanted for *_, wanted in owners)]
-            outputs = dict(zip(names, self.session.run(names, {self.input: np.concatenate(batch)})))
+            outputs = dict(zip(names, self.session.run(names, {self.served.name: np.concatenate(batch)})))
             start = 0
             for i, n, wanted in owners:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[

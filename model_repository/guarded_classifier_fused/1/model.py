@@ -16,8 +16,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
+from kernels.contract import ServedInput
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, served_input
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
 from model_repository.writer import DETECTION_OUTPUTS
 
 
@@ -36,7 +37,7 @@ class TritonPythonModel:
         self.session = ort_session(version / "model.onnx", threads=int(params.get("intra_op_threads", "0")),
                                    providers=["CPUExecutionProvider"])
         self.name = args["model_name"]
-        self.input, self.shape, self.high = served_input(config)
+        self.served = ServedInput.from_config(config)
         self.logits = params["logits_output"]
         # the model's own outputs (an imported model's), served beside the detection outputs
         self.originals = [o["name"] for o in config["output"] if o["name"] not in DETECTION_OUTPUTS]
@@ -50,8 +51,8 @@ class TritonPythonModel:
         responses = [None] * len(requests)
         images, owners = [], []
         for i, request in enumerate(requests):
-            x = pb_utils.get_input_tensor_by_name(request, self.input).as_numpy()
-            problem = image_problem(x, self.shape, self.high)
+            x = pb_utils.get_input_tensor_by_name(request, self.served.name).as_numpy()
+            problem = image_problem(x, self.served.dims, self.served.high)
             if problem:
                 responses[i] = error(problem)
             else:
@@ -60,7 +61,7 @@ class TritonPythonModel:
         if not owners:
             return responses
         names = list(dict.fromkeys([self.logits, "activations", *self.originals]))
-        outputs = dict(zip(names, self.session.run(names, {self.input: np.concatenate(images)})))
+        outputs = dict(zip(names, self.session.run(names, {self.served.name: np.concatenate(images)})))
         logits, acts = outputs[self.logits].astype(np.float32, copy=False), outputs["activations"]
         rows, labels, answered = [], [], []
         start = 0
