@@ -127,10 +127,15 @@ def _add_harden(p: argparse.ArgumentParser) -> None:
     from export.defences import Hardening
 
     d = Hardening()
-    p.add_argument("--rounds", type=int, default=d.rounds, help="attack-and-search rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="at most this many attack-and-search rounds (default: %(default)s)")
     p.add_argument("--count", type=int, default=d.count, help="fit images attacked per round (default: %(default)s)")
-    p.add_argument("--eps", type=float, default=d.eps, help="L-inf budget of the attacks (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="PGD steps per attack configuration (default: %(default)s)")
+    p.add_argument("--eps", type=float, nargs="+", default=list(d.eps),
+                   help="L-inf budgets attacked in every round (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="PGD steps per attack run (default: %(default)s)")
+    p.add_argument("--min-gain", type=float, default=d.min_gain,
+                   help="stop once a round lowers the attacker's mean pass probability by less than this "
+                        "(default: %(default)s)")
     p.add_argument("--fpr", type=float, default=0.01,
                    help="false-positive rate the attacked detector is calibrated at (default: %(default)s)")
     p.add_argument("--harden-seed", type=int, default=2,
@@ -216,7 +221,8 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
-    from export.defences import DEFENCES
+    from export.adaptive_attack import AttackConfig
+    from export.defences import DEFENCES, Hardening
 
     p.add_argument("--fpr", type=float, default=0.01,
                    help="operating false-positive rate; with --url the server's own (default: %(default)s)")
@@ -225,20 +231,34 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
                         "calibration (default: %(default)s)")
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
                    help="L-inf budgets of the detector-aware EOT PGD (default: %(default)s)")
-    p.add_argument("--count", type=int, default=150,
+    p.add_argument("--count", type=int, default=200,
                    help="correctly classified test images attacked (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=200, help="PGD steps per attack configuration (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="PGD steps per attack run (default: %(default)s)")
+    a = AttackConfig(eps=0.3)
+    p.add_argument("--weights", type=float, nargs="+", default=list(a.weights),
+                   help="weights of the detector hinge, a run each (default: %(default)s)")
+    p.add_argument("--temperatures", type=float, nargs="+", default=list(a.temperatures),
+                   help="temperatures of the smoothed vote in z-units, a run each (default: %(default)s)")
+    p.add_argument("--restarts", type=int, default=a.restarts,
+                   help="random starts per weight and temperature (default: %(default)s)")
+    p.add_argument("--untargeted-only", action="store_true",
+                   help="skip the runs into every other class (the weaker attacker of earlier sessions)")
+    p.add_argument("--send-at", type=float, default=0.5,
+                   help="filter strategy: send an image when the attacker's exact pass probability is at "
+                        "least this (default: %(default)s)")
     p.add_argument("--draws", type=int, default=20,
                    help="requests per attacked image, each with fresh server draws (default: %(default)s)")
     p.add_argument("--defences", nargs="+", default=["default"], choices=list(DEFENCES), metavar="NAME",
                    help="server detectors to attack: " + "; ".join(f"{k}: {v}" for k, v in DEFENCES.items())
                         + " (default: %(default)s)")
-    p.add_argument("--harden-rounds", type=int, default=2,
-                   help="hardened defence: rounds of attacks on fit images, each followed by a new search (default: %(default)s)")
-    p.add_argument("--harden-count", type=int, default=300,
-                   help="hardened defence: fit images attacked per round (default: %(default)s)")
-    p.add_argument("--harden-steps", type=int, default=100,
-                   help="hardened defence: PGD steps per attack configuration (default: %(default)s)")
+    h = Hardening()
+    p.add_argument("--harden-rounds", type=int, default=h.rounds,
+                   help="hardened defences: at most this many rounds of attacks on fit images, each followed by "
+                        "a new search (default: %(default)s)")
+    p.add_argument("--harden-count", type=int, default=h.count,
+                   help="hardened defences: fit images attacked per round (default: %(default)s)")
+    p.add_argument("--harden-steps", type=int, default=h.steps,
+                   help="hardened defences: PGD steps per attack run (default: %(default)s)")
     p.add_argument("--url", help="attack a running Triton server at host:port (gRPC) instead of replaying it "
                                  "offline; m, bank and FPR are then the server's")
     p.add_argument("--model", default="guarded_classifier",
@@ -297,7 +317,7 @@ def _capture(args, ws, progress):
 def _harden(args, ws, progress):
     from export.defences import Hardening, harden_bank
 
-    return harden_bank(ws, Hardening(args.rounds, args.count, args.eps, args.steps), args.fpr, args.harden_seed,
+    return harden_bank(ws, Hardening(args.rounds, args.count, tuple(args.eps), args.steps, args.min_gain), args.fpr, args.harden_seed,
                        progress)
 
 
@@ -381,12 +401,15 @@ def _export(args, ws, progress):
 
 
 def _whitebox(args, ws, progress):
+    from export.adaptive_attack import AttackConfig
+    from export.defences import Hardening
     from export.whitebox import WhiteboxConfig, whitebox
 
-    from export.defences import Hardening
-
+    attack = AttackConfig(max(args.eps), weights=tuple(args.weights), temperatures=tuple(args.temperatures),
+                          restarts=args.restarts, targeted=not args.untargeted_only)
     cfg = WhiteboxConfig(args.fpr, args.whitebox_seed, tuple(args.eps), args.count, args.steps, args.draws,
-                         tuple(args.defences), Hardening(args.harden_rounds, args.harden_count, steps=args.harden_steps),
+                         tuple(args.defences), attack, args.send_at,
+                         Hardening(args.harden_rounds, args.harden_count, steps=args.harden_steps),
                          args.url, args.model)
     return {"table": whitebox(ws, cfg, progress)["table"]}
 

@@ -14,9 +14,10 @@ calibrated on the clean calibration split; they differ in how the server's bank 
   first and taking the layers in turn, whose values on the attacked fit images correlate with every one
   kept before by at most :data:`MAX_CORRELATION` (item 2; :func:`kernels.fingerprint_search.decorrelate`,
   ``nfp search --max-correlation``).
-- ``hardened``: rounds of detector-aware attacks (:func:`export.adaptive_attack.eot_pgd`) on fit-split
-  images against the current bank; the images that fool the classifier join the bank's attacked data
-  and the bank is searched again (item 3). Never on the test images the experiment attacks.
+- ``hardened``: adversarial training of the bank (:func:`harden`): rounds of the strong attacker
+  (:func:`export.adaptive_attack.adaptive_attack`) on fresh fit-split images against the current bank;
+  the images that fool the classifier join the bank's attacked data and the bank is searched again,
+  until the attacker's pass rate stops falling. Never on the test images the experiment attacks.
 - ``decorrelated-hardened``: both (item 5).
 
 A robust base (item 4) is a workspace whose classifier was trained with ``nfp train --adversarial-eps``:
@@ -112,34 +113,53 @@ def bank_overlap(a: Bank, b: Bank) -> float:
 
 def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: int, fpr: float, hardening: "Hardening",
            seed: int, progress: bool = False) -> tuple[Bank, list[dict[str, Any]]]:
-    """``hardening.rounds`` of: attack ``hardening.count`` correctly classified fit-split images with the
-    detector-aware PGD at ``hardening.eps`` against the current fused detector, add the misclassified
-    results (labelled with their predicted class) to the attacked fit data, search again with ``config``.
-    Returns the last bank and per round how many attacked images joined and how many of them the
-    attacked detector's expectation passed."""
+    """Adversarial training of the bank against the strong attacker (in the spirit of GAT, Yin et al.,
+    ICLR 2020, which trains per-class detectors on attacks against themselves).
+
+    Each round draws ``hardening.count`` fresh correctly classified fit-split images, attacks them with
+    :func:`export.adaptive_attack.adaptive_attack` at every eps of ``hardening.eps`` against the current
+    fused detector and records the attacker's mean exact pass probability (the round's point of the
+    curve); the images that fool the classifier join the bank's attacked data (labelled with their
+    predicted class) and the bank is searched again with ``config``. It stops after ``hardening.rounds``
+    searches or once a round's pass rate fell by less than ``hardening.min_gain`` from the best so far,
+    and returns the bank the attacker did worst against, with the curve."""
     from export.activations import capture_activations
-    from export.adaptive_attack import EOTConfig, ExpectedDetector, eot_pgd
+    from export.adaptive_attack import AttackConfig, ExpectedDetector, adaptive_attack
     from export.pipeline import correctly_classified, load_classifier
 
     ds, splits, _ = load_prepared(ws)
     model = load_classifier(ws)
     layout = ActivationLayout.from_json(bank.meta["layout"])
     rng = np.random.default_rng(seed)
-    fit = rng.permutation(correctly_classified(model, ds, splits.fit))[:hardening.count]
+    pool = correctly_classified(model, ds, splits.fit)
     extra: Observations | None = None
-    history = []
-    for r in range(hardening.rounds):
-        detector = data.fused(bank, m, fpr, seed)
-        attack = EOTConfig(hardening.eps, steps=hardening.steps, weights=(1.0, 10.0), spreads=(2.0,),
-                           temperatures=(1.0,), seed=seed + r)
-        result = eot_pgd(model, layout, ExpectedDetector(detector, fpr), ds.x[fit], ds.y[fit], attack, progress)
-        acts, _, logits = capture_activations(model, result.x_adv, layout.layers, progress=False, return_logits=True)
-        fooled = logits.argmax(1) != ds.y[fit]
-        new = Observations(logits.argmax(1)[fooled], acts=acts[fooled])
-        extra = new if extra is None else joined(extra, new)
+    history: list[dict[str, Any]] = []
+    best_bank, best_pass = bank, np.inf
+    for r in range(hardening.rounds + 1):
+        copy = ExpectedDetector(data.fused(bank, m, fpr, seed), fpr)
+        fit = rng.choice(pool, min(hardening.count, len(pool)), replace=False)
+        passed, added = {}, []
+        for eps in hardening.eps:
+            result = adaptive_attack(model, layout, copy, ds.x[fit], ds.y[fit],
+                                     AttackConfig(eps, steps=hardening.steps, seed=seed + r), progress)
+            passed[eps] = float(result.pass_probability.mean())
+            acts, _, logits = capture_activations(model, result.x_adv, layout.layers, progress=False,
+                                                  return_logits=True)
+            fooled = logits.argmax(1) != ds.y[fit]
+            added.append(Observations(logits.argmax(1)[fooled], acts=acts[fooled]))
+        mean_pass = float(np.mean(list(passed.values())))
+        history.append({"round": r, "fingerprints": int(bank.num_fingerprints), "expected_pass": passed,
+                        "mean_expected_pass": mean_pass})
+        improved = mean_pass < best_pass - hardening.min_gain
+        if mean_pass < best_pass:
+            best_bank, best_pass = bank, mean_pass
+        if r == hardening.rounds or (r and not improved):
+            break
+        for new in added:
+            extra = new if extra is None else joined(extra, new)
         bank = data.search(config, extra)
-        history.append({"round": r + 1, "added": int(fooled.sum()), "passed_expected": int((result.rating > 0).sum())})
-    return bank, history
+        history[-1]["added"] = int(sum(len(a) for a in added))
+    return best_bank, history
 
 
 def harden_bank(ws: Workspace, hardening: Hardening, fpr: float = 0.01, seed: int = 2,
@@ -172,13 +192,19 @@ DEFENCES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Hardening:
-    """How :func:`harden` builds the ``hardened`` defence: ``rounds`` of the detector-aware PGD at ``eps``
-    on ``count`` fit images, ``steps`` per configuration."""
+    """How :func:`harden` builds the ``hardened`` defence: at most ``rounds`` searches, each after the
+    strong attacker at every eps of ``eps`` on ``count`` fresh fit images (``steps`` per run); stop once
+    a round lowers the attacker's mean pass probability by less than ``min_gain``."""
 
-    rounds: int = 2
+    rounds: int = 6
     count: int = 300
-    eps: float = 0.3
+    eps: tuple[float, ...] = (0.1, 0.2, 0.3)
     steps: int = 100
+    min_gain: float = 0.01
+
+    def __post_init__(self):
+        if self.rounds < 0 or self.count < 1 or self.steps < 1 or not self.eps or min(self.eps) <= 0:
+            raise InvalidInputError(f"hardening needs rounds >= 0, count >= 1, steps >= 1 and positive eps: {self}")
 
 
 def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening = Hardening(),
