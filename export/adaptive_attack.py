@@ -379,12 +379,15 @@ def _run(wrapped, copy, x0, true, target, weight, temperature, cfg, step, seed, 
             break
         if aim is None:
             labels, objective = logits.argmax(1).detach(), misclassification(logits, true)
+            fooled = labels != true
         else:
             labels, objective = aim, into(logits, aim)
+            fooled = logits.argmax(1).detach() == aim
         objective = objective.clamp(max=cfg.kappa)
-        if weight:
+        if weight and fooled.any():  # the detector only matters once the classifier is fooled
             z, spread = copy(logits, acts, labels, temperature)
-            objective = objective - weight * (copy.threshold(labels) + cfg.spread * spread - z).clamp(min=0).sum(1)
+            hinge = (copy.threshold(labels) + cfg.spread * spread - z).clamp(min=0).sum(1)
+            objective = objective - weight * torch.where(fooled, hinge, torch.zeros_like(hinge))
         (grad,) = torch.autograd.grad(objective.sum(), adv)
         with torch.no_grad():
             adv = _step(adv, x0, grad, step, cfg.eps)
