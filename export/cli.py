@@ -230,7 +230,7 @@ def _add_whitebox(p: argparse.ArgumentParser) -> None:
                    help="seed of the server replay's draws, the attacks' random starts and the defences' "
                         "calibration (default: %(default)s)")
     p.add_argument("--eps", type=float, nargs="+", default=[0.1, 0.2, 0.3],
-                   help="L-inf budgets of the detector-aware EOT PGD (default: %(default)s)")
+                   help="L-inf budgets of the strong attacker (default: %(default)s)")
     p.add_argument("--count", type=int, default=200,
                    help="correctly classified test images attacked (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="PGD steps per attack run (default: %(default)s)")

@@ -29,7 +29,7 @@ def whitebox_table(rows: list[dict[str, Any]], draws: int) -> str:
 
 
 def plot_evasion(rows: list[dict[str, Any]], path) -> None:
-    """Evasion per request vs eps with 95% intervals, one line per defence: EOT PGD (left), filter (right)."""
+    """Evasion per request vs eps with 95% intervals, one line per defence: sending every image (left), the filter (right)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,6 +30,7 @@ METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
            ("nfp_flagged_total", "Inputs flagged as attacked"),
            ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"),
            ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints"))
+SIGNATURE_GAUGE = "nfp_signature_verified"
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,6 +81,17 @@ class DetectorMetrics:
         self.flagged.increment(int(verdicts.is_attacked.sum()))
         self.unchecked.increment(int((~verdicts.checked).sum()))
         self.kernel_us.increment(int(kernel_s * 1e6))
+
+
+def signature_gauge(pb_utils, model: str, verified: bool) -> tuple:
+    """The Prometheus gauge ``nfp_signature_verified{model}``: 1 when the model's folder was checked
+    against its signature at load, 0 when it loaded unverified (:func:`model_repository.signing.verify_if_required`).
+    Returns the family and the metric, which the model keeps alive."""
+    family = pb_utils.MetricFamily(name=SIGNATURE_GAUGE, kind=pb_utils.MetricFamily.GAUGE,
+                                   description="1: the model folder's signature was checked at load; 0: loaded unverified")
+    metric = family.Metric(labels={"model": model})
+    metric.set(1.0 if verified else 0.0)
+    return family, metric
 
 
 class ServedDetector:

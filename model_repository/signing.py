@@ -7,12 +7,15 @@ Sigstore); the signature lies beside the files as ``model.sig``. The private
 key stays outside the repository (by default ``<out>/signing/``, written by ``nfp serve``); the server
 gets only the public key, through the environment variable :data:`PUBLIC_KEY_ENV` that the launcher
 (:class:`model_repository.server.TritonServer`) sets, never through a file inside the repository. Each
-detecting model verifies its own folder in ``initialize`` (:class:`model_repository.serving.ServedDetector`)
-and refuses to load on any difference: a changed, added or removed file.
+model verifies its own folder in ``initialize`` (:class:`model_repository.serving.ServedDetector`, the
+classifier's ``model.py``) and refuses to load on any difference: a changed, added or removed file. It
+fails closed: a signed folder started without a key (a user's own ``tritonserver``, a container) does
+not load unless :data:`INSECURE_ENV` says to skip the check (:func:`verify_if_required`).
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from kernels.errors import FingerprintError
@@ -20,6 +23,8 @@ from kernels.errors import FingerprintError
 SIGNATURE = "model.sig"
 
 PUBLIC_KEY_ENV = "NFP_PUBLIC_KEY"
+
+INSECURE_ENV = "NFP_INSECURE_SKIP_SIGNATURE_CHECK"  # the explicit opt-out: load signed models unchecked
 
 
 class SignatureError(FingerprintError):
@@ -85,12 +90,34 @@ def verify_model(model: Path, public_key: Path) -> None:
 
 
 def verify_if_required(model: Path) -> bool:
-    """Verify the model folder ``model`` when the server was started with a public key
-    (:data:`PUBLIC_KEY_ENV`); returns whether it was verified."""
+    """Verify the model folder ``model`` at load; fail closed. Returns whether it was verified.
+
+    - With a public key (:data:`PUBLIC_KEY_ENV`): the folder must be signed by it and unchanged.
+    - Without one, a folder written signed (its :data:`SIGNATURE` is there) refuses to load, unless the
+      operator opted out with :data:`INSECURE_ENV` ``=1``; it then loads unverified with a warning.
+    - Without one, an unsigned folder (``nfp export`` without a key) loads unverified with a warning.
+
+    Someone who can write the repository can delete the signatures too: only a server started with
+    the key checks anything, and the ``nfp_signature_verified`` gauge says which models it checked.
+    """
+    model = Path(model)
     key = os.environ.get(PUBLIC_KEY_ENV)
-    if not key:
+    if key:
+        if not Path(key).is_file():
+            raise SignatureError(f"the public key named by {PUBLIC_KEY_ENV} does not exist")
+        verify_model(model, Path(key))
+        return True
+    if not (model / SIGNATURE).is_file():
+        _warn(f"model {model.name} is not signed: loading it unverified")
         return False
-    if not Path(key).is_file():
-        raise SignatureError(f"the public key named by {PUBLIC_KEY_ENV} does not exist")
-    verify_model(model, Path(key))
-    return True
+    if os.environ.get(INSECURE_ENV) != "1":
+        raise SignatureError(f"model {model.name} is signed ({SIGNATURE}) but the server has no public key to check "
+                             f"it with: set {PUBLIC_KEY_ENV} to the public key it was signed with, or {INSECURE_ENV}=1 "
+                             f"to load it unchecked (whoever can write the repository then decides what it serves)")
+    _warn(f"{INSECURE_ENV}=1: loading the signed model {model.name} WITHOUT checking its signature")
+    return False
+
+
+def _warn(message: str) -> None:
+    """A warning in the Triton server's log (stderr, where the launcher and Triton's own log collect it)."""
+    print(f"WARNING nfp: {message}", file=sys.stderr, flush=True)

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from client.grpc_client import DetectorClient, RequestError
-from client.metrics import detector_counters
+from client.metrics import detector_counters, signature_verified
 from export.datasets import load_dataset
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
 from model_repository.server import ServerError, TritonServer
-from model_repository.signing import create_keys
+from model_repository.signing import INSECURE_ENV, PUBLIC_KEY_ENV, create_keys
 from model_repository.writer import ServingConfig, write_repository
 from tests.functional.replay import replayed_fused_score
 
@@ -218,6 +218,28 @@ def test_a_repository_signed_with_another_key_is_refused(signed, tmp_path):
     _, other = create_keys(tmp_path / "other")
     with pytest.raises(ServerError, match="fails its signature check"):
         TritonServer(repo, public_key=other).start()
+
+
+def test_a_signed_repository_started_without_a_key_is_not_ready_and_says_why(signed, monkeypatch):
+    repo, _ = signed
+    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
+    monkeypatch.delenv(INSECURE_ENV, raising=False)
+    with pytest.raises(ServerError, match=f"is signed .* no public key to check it with.*{PUBLIC_KEY_ENV}"):
+        TritonServer(repo).start()  # what a user's own tritonserver command gets: no key in the environment
+
+
+def test_with_the_explicit_opt_out_a_signed_repository_serves_unverified_and_warns(signed, monkeypatch, mnist_subset):
+    repo, public = signed
+    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
+    monkeypatch.setenv(INSECURE_ENV, "1")
+    with TritonServer(repo) as server, DetectorClient(server.grpc_url) as client:
+        assert client.detect(mnist_subset[0][:2]).checked.all()
+        assert set(signature_verified(server.metrics_url).values()) == {False}
+        assert "WITHOUT checking its signature" in "\n".join(server.log_lines)
+    monkeypatch.delenv(INSECURE_ENV)
+    with TritonServer(repo, public_key=public) as server:
+        verified = signature_verified(server.metrics_url)
+    assert verified == dict.fromkeys(["classifier", "fingerprint_detector", "guarded_classifier_fused"], True)
 
 
 def test_an_unsigned_server_still_refuses_to_guard_another_model(tiny_run, tmp_path):

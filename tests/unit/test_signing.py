@@ -4,6 +4,7 @@ import os
 import pytest
 
 from model_repository.signing import (
+    INSECURE_ENV,
     PUBLIC_KEY_ENV,
     SignatureError,
     create_keys,
@@ -61,15 +62,43 @@ def test_another_key_and_a_missing_signature_are_refused(repo, tmp_path):
         verify_model(root / "classifier", other)
 
 
-def test_verification_is_required_exactly_when_the_server_has_a_public_key(repo, monkeypatch):
+def test_a_signed_folder_is_verified_with_the_key_and_refused_without_it(repo, monkeypatch, capsys):
     root, public = repo
-    (root / "classifier" / "config.pbtxt").write_text("changed")
-    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
-    assert verify_if_required(root / "classifier") is False
+    monkeypatch.delenv(INSECURE_ENV, raising=False)
     monkeypatch.setenv(PUBLIC_KEY_ENV, str(public))
     assert verify_if_required(root / "fingerprint_detector") is True
+    monkeypatch.delenv(PUBLIC_KEY_ENV)
+    with pytest.raises(SignatureError, match=f"fingerprint_detector is signed .* no public key.*{INSECURE_ENV}=1"):
+        verify_if_required(root / "fingerprint_detector")  # fails closed, naming the way out
+    monkeypatch.setenv(INSECURE_ENV, "yes")  # only the exact opt-out counts
+    with pytest.raises(SignatureError, match="no public key"):
+        verify_if_required(root / "fingerprint_detector")
+    monkeypatch.setenv(INSECURE_ENV, "1")
+    assert verify_if_required(root / "fingerprint_detector") is False
+    assert "WITHOUT checking its signature" in capsys.readouterr().err
+
+
+def test_a_changed_folder_or_a_missing_key_file_is_refused(repo, monkeypatch):
+    root, public = repo
+    (root / "classifier" / "config.pbtxt").write_text("changed")
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(public))
+    with pytest.raises(SignatureError):
+        verify_if_required(root / "classifier")
+    monkeypatch.setenv(INSECURE_ENV, "1")  # the opt-out never overrides a key that was given
     with pytest.raises(SignatureError):
         verify_if_required(root / "classifier")
     monkeypatch.setenv(PUBLIC_KEY_ENV, os.devnull + "-missing")
     with pytest.raises(SignatureError, match="does not exist"):
+        verify_if_required(root / "classifier")
+
+
+def test_an_unsigned_folder_loads_unverified_with_a_warning_and_never_under_a_key(repo, monkeypatch, capsys):
+    root, public = repo
+    (root / "classifier" / "model.sig").unlink()
+    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
+    monkeypatch.delenv(INSECURE_ENV, raising=False)
+    assert verify_if_required(root / "classifier") is False
+    assert "classifier is not signed" in capsys.readouterr().err
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(public))
+    with pytest.raises(SignatureError, match="not signed"):
         verify_if_required(root / "classifier")

@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from kernels.contract import ServedInput
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import answered_safely
+from model_repository.serving import answered_safely, signature_gauge
 from model_repository.signing import verify_if_required
 
 
@@ -24,10 +24,11 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         threads = int(config.get("parameters", {}).get("intra_op_threads", {}).get("string_value", "0"))
-        verify_if_required(Path(args["model_repository"]))  # a signed repository: this folder unchanged
+        verified = verify_if_required(Path(args["model_repository"]))  # a signed repository: this folder unchanged
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         self.session = ort_session(path, threads=threads, providers=["CPUExecutionProvider"])
         self.name = args["model_name"]
+        self.signature = signature_gauge(pb_utils, self.name, verified)
         self.served = ServedInput.from_config(config)
         self.outputs = [o["name"] for o in config["output"]]
 

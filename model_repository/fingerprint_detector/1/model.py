@@ -26,7 +26,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, signature_gauge
 
 
 def host_array(tensor) -> np.ndarray:
@@ -49,6 +49,7 @@ class TritonPythonModel:
                                        device_id=int(args.get("model_instance_device_id", "0")), served_model=classifier)
         self.name = args["model_name"]
         self.metrics = DetectorMetrics(pb_utils, self.name)
+        self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
 
     def execute(self, requests):

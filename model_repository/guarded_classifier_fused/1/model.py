@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from kernels.errors import FingerprintError
 from kernels.contract import ServedInput
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors
+from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, signature_gauge
 from model_repository.writer import DETECTION_OUTPUTS
 
 
@@ -42,6 +42,7 @@ class TritonPythonModel:
         # the model's own outputs (an imported model's), served beside the detection outputs
         self.originals = [o["name"] for o in config["output"] if o["name"] not in DETECTION_OUTPUTS]
         self.metrics = DetectorMetrics(pb_utils, self.name)
+        self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
 
     def execute(self, requests):
