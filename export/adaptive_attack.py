@@ -59,13 +59,15 @@ def member_thresholds(fusion: PValueFusion, fpr: float) -> dict[str, float]:
         raise InvalidInputError(f"the attacker's copy splits a min-p fusion into member thresholds; "
                                 f"this one fuses by {fusion.rule!r}")
     cal = fusion.calibration
-    level = float(cal.class_mean[0] + cal.class_std[0] * cal.threshold(fpr, np.zeros(1, np.int64))[0])
+    zero = np.zeros(1, np.int64)
+    flags = lambda z, reference: cal.standardize(clean_log_p_value(np.array([z]), reference), zero)[0] < \
+        cal.threshold(fpr, zero)[0]  # noqa: E731 (the fusion's own arithmetic, to the last bit)
     out = {}
     for name, reference in fusion.references.items():
         lo, hi = -1e3, float(reference[-1]) + 1.0
-        for _ in range(100):
+        for _ in range(100):  # to adjacent floats: z < hi exactly where the fusion flags
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if clean_log_p_value(np.array([mid]), reference)[0] < level else (lo, mid)
+            lo, hi = (mid, hi) if flags(mid, reference) else (lo, mid)
         out[name] = hi
     return out
 
@@ -164,12 +166,13 @@ class ExpectedDetector(nn.Module):
     def _fingerprints(self, member: FingerprintDetector, t: dict, acts: torch.Tensor, labels: torch.Tensor,
                       temperature: float):
         bank = t["bank"]
-        raw, spread = torch.zeros(len(acts)), torch.zeros(len(acts))
+        # float64 raw scores: a vote of 0/1 counts is then count / F to the last bit, as the detector's
+        raw, spread = torch.zeros(len(acts), dtype=torch.float64), torch.zeros(len(acts))
         m = member.draws.m  # 0: every fingerprint, no spread
         for c in labels.unique().tolist():
             rows = (labels == c).nonzero().squeeze(1)
             if not member.draws.covers(np.array([c]), bank)[0]:  # never checked, so never flagged
-                raw = raw.index_put((rows,), torch.tensor(UNCHECKED_SCORE))
+                raw = raw.index_put((rows,), torch.tensor(UNCHECKED_SCORE, dtype=torch.float64))
                 continue
             f = slice(int(bank.class_offsets[c]), int(bank.class_offsets[c + 1]))
             v = (acts[rows][:, t["indices"][f]] * t["mask"][f]).sum(-1) / t["lengths"][f]  # (n, F_c)
@@ -182,7 +185,7 @@ class ExpectedDetector(nn.Module):
                 each = torch.sigmoid(closer / temperature) if temperature else (closer > 0).float()
                 p = (closer > 0).float().mean(1)
                 var = p * (1 - p)
-            raw = raw.index_put((rows,), each.mean(1))
+            raw = raw.index_put((rows,), each.double().mean(1))
             if m:
                 spread = spread.index_put((rows,), (var / m).sqrt().detach())
         return raw, spread

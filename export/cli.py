@@ -150,9 +150,16 @@ def _add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--m", type=int, default=DEFAULT_M, help="fingerprints drawn per input (default: %(default)s)")
     p.add_argument("--fprs", type=float, nargs="+", default=list(DEFAULT_FPRS),
                    help="false-positive rates to calibrate (default: %(default)s)")
-    p.add_argument("--calibration-seed", type=int, default=0, help="seed of the draws while calibrating (default: %(default)s)")
+    p.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the split of the calibration images and of the draws while calibrating "
+                        "(default: %(default)s)")
     p.add_argument("--calibration-repeats", type=int, default=DEFAULT_CALIBRATION_REPEATS,
-                   help="independent draws per calibration image, pooled (default: %(default)s)")
+                   help="independent draws per image of the reference half of the calibration split, pooled "
+                        "(default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=None,
+                   help="make the realized clean FPR stay at or below each nominal rate with this probability "
+                        "over calibration draws (e.g. 0.95; costs detection; needs more calibration images, see "
+                        "the README), instead of only the expected FPR (default: expected FPR <= nominal)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -218,6 +225,28 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="guarded_classifier",
                    help="guarded_classifier (the ensemble) or guarded_classifier_fused (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default: %(default)s)")
+
+
+def _add_drift(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("runs/default"),
+                   help="pipeline output folder whose bank is served (default: %(default)s)")
+    p.add_argument("--bank", type=Path, default=None,
+                   help="the served bank folder instead, e.g. a rotated version's <repository>/<model>/<version>/bank "
+                        "(default: <out>/bank)")
+    p.add_argument("--metrics-url", default="http://127.0.0.1:8002/metrics",
+                   help="Triton's metrics endpoint (default: %(default)s)")
+    p.add_argument("--model", default="fingerprint_detector",
+                   help="the detecting model: fingerprint_detector (the ensemble's step) or guarded_classifier_fused "
+                        "(default: %(default)s)")
+    p.add_argument("--window", type=float, default=300.0,
+                   help="seconds of traffic to compare; 0: everything since the server started (default: %(default)s)")
+    p.add_argument("--fpr", type=float, default=None,
+                   help="the server's operating false-positive rate (default: the lowest calibrated)")
+    p.add_argument("--alpha", type=float, default=0.01,
+                   help="significance level of both tests; the exit status is 1 when either rejects "
+                        "(default: %(default)s)")
+    p.add_argument("--predicted-class", type=int, default=None,
+                   help="compare only inputs predicted as this class (default: all)")
 
 
 def _add_whitebox(p: argparse.ArgumentParser) -> None:
@@ -382,7 +411,8 @@ def _build_bank(args, ws, progress):
 def _calibrate(args, ws, progress):
     from export import pipeline
 
-    return pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats, progress)
+    return pipeline.calibrate(ws, args.m, args.fprs, args.calibration_seed, args.calibration_repeats, progress,
+                              args.confidence)
 
 
 def _evaluate(args, ws, progress):
@@ -499,6 +529,8 @@ STAGES = {  # name: (help, option groups, runner; None: handled by run() itself)
                  [_add_out, _add_quiet, _add_whitebox], _whitebox),
     "predict": ("send image files or an .npz to a running server; print label, confidence, score, verdict",
                 [_add_predict], None),
+    "drift": ("watch a running server's scores for a window and test them against the clean calibration "
+              "reference: does the false-positive rate still hold? (exit status 1 on an alarm)", [_add_drift], None),
     "demo": ("serve on a real Triton server, send clean and attacked test images over gRPC, print results",
              [_add_out, _add_quiet, _add_demo], _demo),
     "study": ("many detector designs (fingerprint sizes, layers, thresholds, aggregations, fusions) and the "
@@ -527,8 +559,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> None:
-    """Run one command; ``pipeline`` runs :data:`PIPELINE` in order and prints every stage's report."""
+def run(args: argparse.Namespace) -> int | None:
+    """Run one command; ``pipeline`` runs :data:`PIPELINE` in order and prints every stage's report.
+    Returns the exit status where a command has one of its own (``drift``: 1 on an alarm)."""
     if args.command == "predict":
         from client.predict import predict
 
@@ -537,6 +570,9 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "serve":
         serve(args)
         return
+    if args.command == "drift":
+        print((report := drift(args)).to_text())
+        return 1 if report.alarm else 0
     if args.command == "layers":
         print(layers_table(args))
         return
@@ -555,6 +591,20 @@ def run(args: argparse.Namespace) -> None:
     for table in tables:
         print("\n" + table)
     print(f"artifacts and manifest: {ws.root}/", file=sys.stderr)
+
+
+def drift(args: argparse.Namespace):
+    """``nfp drift``: the served bank's calibration against a window of the server's score histogram."""
+    from client.metrics import score_histogram
+    from kernels.bank import Bank
+    from kernels.detector import served_detector
+    from kernels.drift import ScoreWindow, watch
+
+    detector = served_detector(Bank.load(args.bank or args.out / "bank"), args.fpr)
+    buckets = len((detector.calibration.reference or {"edges": []})["edges"])
+    read = lambda: ScoreWindow.of_metrics(  # noqa: E731
+        score_histogram(args.metrics_url, args.model, buckets, args.predicted_class))
+    return watch(detector.calibration, detector.fpr, read, args.window, args.alpha)
 
 
 def signing_keys(out: Path, private: Path | None) -> tuple[Path, Path]:
@@ -608,11 +658,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        run(args)
+        return run(args) or 0
     except FingerprintError as e:
         print(f"nfp {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

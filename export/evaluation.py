@@ -34,6 +34,42 @@ def detection_figures(clean_z: np.ndarray, attacked_z: np.ndarray, clean_thr: di
     return out
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson interval of a proportion ``k / n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(centre - half), float(centre + half))
+
+
+def clean_false_positives(detector: Detector, clean: Observations, seed: int, draws: int = 100) -> dict[str, Any]:
+    """The realized clean false-positive rate at every calibrated rate, beside the nominal and the
+    guarantee of the calibration: on one fresh draw per image (with its 95% Wilson interval, what one
+    request sees) and averaged over ``draws`` independent draws (a randomized detector's expected rate)."""
+    cal = detector.calibration
+    out = {}
+    for f in sorted(cal.thresholds):
+        rng = np.random.default_rng([seed, 24])
+        rates = [float(detector.detect(clean, f, rng).is_attacked.mean()) for _ in range(draws if detector.randomized else 1)]
+        k = round(rates[0] * len(clean))
+        out[str(f)] = {"nominal": f, "realized": rates[0], "ci95": wilson(k, len(clean)),
+                       "over_draws": float(np.mean(rates)), "draws": len(rates), "n": len(clean),
+                       "bound": cal.fpr_bound.get(f), "guarantee": cal.guarantee(f)}
+    return out
+
+
+def false_positive_table(figures: dict[str, Any]) -> str:
+    """:func:`clean_false_positives` as a markdown table."""
+    lines = ["| nominal FPR | realized, one draw (95% CI) | realized, mean over draws | guarantee of the thresholds |",
+             "|---|---|---|---|"]
+    for r in figures.values():
+        lines.append(f"| {r['nominal']:.2%} | {r['realized']:.2%} ({r['ci95'][0]:.2%}-{r['ci95'][1]:.2%}) | "
+                     f"{r['over_draws']:.2%} ({r['draws']} draws) | {r['guarantee']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _scored(detector: Detector, obs: Observations, rng: np.random.Generator) -> np.ndarray:
     """Standardized scores of ``obs`` (one fresh draw per row), :data:`UNCHECKED_Z` where not checked."""
     v = detector.detect(obs, rng=rng)

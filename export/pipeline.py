@@ -288,36 +288,41 @@ def default_fusion(bank: Bank, m: int) -> PValueFusion:
 
 
 def calibrated_bank(ws: Workspace, bank: Bank, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
-                    repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> tuple[Bank, dict[str, Any]]:
+                    repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
+                    confidence: float | None = None) -> tuple[Bank, dict[str, Any]]:
     """``bank`` with the thresholds of the LRT (the paper's score, kept for comparison) and of the served
     default fusion for each false-positive rate, from the calibration split's clean images under the
     same random drawing of ``m`` fingerprints per image used at test time; and a summary.
 
-    Each image is scored under ``repeats`` independent draws and all scores are pooled, so the
-    thresholds reflect the spread that the random draw itself adds, with less estimation noise.
+    Half of the images fit the standardization and the fusion's references, each under ``repeats``
+    independent draws pooled; the other half, one draw each, sets split-conformal thresholds
+    (:mod:`kernels.calibration`): expected clean false-positive rate at most nominal, or with
+    probability ``confidence`` the realized one.
     """
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
     clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"])
     lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")
-    lrt.calibrate(clean, fprs, repeats, seed, progress)
+    lrt.calibrate(clean, fprs, repeats, seed, progress, confidence)
     fused = default_fusion(bank, m)
-    fused.calibrate(clean, fprs, repeats, seed, progress)
+    fused.calibrate(clean, fprs, repeats, seed, progress, confidence)
     bank = bank.with_meta(calibration={"lrt": lrt.calibration.to_json(), **{
         name: member.calibration.to_json() for name, member in fused.members.items()}, "fused": fused.to_json()},
         draws_per_input=m)
     checked = int(lrt.calibration.counts.sum())
     return bank, {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats,
+                  "guarantee": {str(f): fused.calibration.guarantee(f) for f in fprs},
                   "global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.calibration.thresholds.items()}}
 
 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
-              repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True) -> dict[str, Any]:
+              repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
+              confidence: float | None = None) -> dict[str, Any]:
     """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``."""
     started = time.time()
-    bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress)
+    bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress, confidence)
     files = list(bank.save(bank_dir(ws)))
-    ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats}, files, started,
-              {"global_lrt_thresholds": summary.pop("global_lrt_thresholds")})
+    ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats, "confidence": confidence},
+              files, started, {"global_lrt_thresholds": summary.pop("global_lrt_thresholds")})
     return summary
 
 
@@ -346,7 +351,8 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
     """The evaluation report on the test split: ``report/evaluation.json``, ``.md`` and ``roc.png``."""
     from tqdm.auto import tqdm
 
-    from export.evaluation import evaluate_attack, markdown_table, plot_roc
+    from export.evaluation import (clean_false_positives, evaluate_attack, false_positive_table, markdown_table,
+                                   plot_roc)
 
     started = time.time()
     ds, splits, _ = load_prepared(ws)
@@ -375,21 +381,24 @@ def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bo
         r, curves[label] = evaluate_attack(detectors, clean, attacked, seed, spread_draws)
         report["attacks"][label] = {"params": summary["eval"][label]["params"],
                                     "success_rate": summary["eval"][label]["success_rate"], **r}
+    report["false_positives"] = clean_false_positives(detectors["fused"], clean, seed, spread_draws)
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     evaluated = {k: v for k, v in report["attacks"].items() if "skipped" not in v}
     table = markdown_table({**report, "attacks": evaluated})
+    fp_table = false_positive_table(report["false_positives"])
     (out / "evaluation.md").write_text(
         f"# Evaluation on the test split\n\nm = {report['m']} fingerprints drawn per image; thresholds from the "
         f"calibration split; {len(clean)} clean test images, {report['test_images_predicted_uncovered']} of "
         f"them predicted as a class the bank cannot check (never flagged). Successful attacks only; those the "
-        f"bank cannot check (column 'unchecked') count as misses.\n\n{table}")
+        f"bank cannot check (column 'unchecked') count as misses.\n\n"
+        f"Clean false positives of the served detector:\n\n{fp_table}\n{table}")
     plot_roc(curves, out / "roc.png", min(fprs))
     files = [ws.write_json(out / "evaluation.json", report), out / "evaluation.md", out / "roc.png"]
     f0 = f"tpr@{min(fprs):g}"
     ws.record("evaluate", {"seed": seed, "spread_draws": spread_draws}, files, started,
               {k: {"auc": v["fused"]["auc"], f0: v["fused"][f0]} for k, v in evaluated.items()})
-    report["table"] = table
+    report["table"] = f"{fp_table}\n{table}"
     return report
 
 

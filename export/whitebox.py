@@ -31,19 +31,10 @@ import numpy as np
 
 from export.adaptive_attack import AttackConfig
 from export.defences import Hardening
+from export.evaluation import wilson
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import FingerprintError, ModelMismatchError
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson interval of a proportion ``k / n``."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(centre - half), float(centre + half))
 
 
 class ServedOverGrpc(Detector):

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from kernels.bank import Bank
-from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold
+from kernels.calibration import DEFAULT_FPRS, Calibration, calibrate_threshold, calibration_split
 from kernels.errors import InvalidInputError
 from kernels.scoring import METHODS, NumpyScorer, check_labels, covered, draw_fingerprints, secure_rng
 
@@ -130,11 +130,15 @@ class Detector(ABC):
         return labels if self.num_classes > 1 else np.zeros_like(labels)
 
     def calibrate(self, clean: Observations, fprs: Sequence[float] = DEFAULT_FPRS, repeats: int = 1, seed: int = 0,
-                  progress: bool = False) -> Calibration:
-        """Standardization and thresholds from clean calibration inputs (never the test inputs).
+                  progress: bool = False, confidence: float | None = None) -> Calibration:
+        """Standardization and split-conformal thresholds from clean calibration inputs (never the test
+        inputs): :func:`kernels.calibration.calibration_split` of ``seed`` holds half of them out to set
+        the thresholds, so that the expected false-positive rate is at most nominal (with probability
+        ``confidence`` the realized one, if given).
 
-        A randomized detector scores every image under ``repeats`` independent draws, pooled with the
-        image named (:func:`kernels.calibration.calibrate_threshold` counts images, not scores).
+        A randomized detector scores every image under ``repeats`` independent draws; the reference half
+        pools them with the image named (:func:`kernels.calibration.calibrate_threshold` counts images,
+        not scores), the held-out half keeps the first.
         """
         from tqdm.auto import tqdm
 
@@ -149,7 +153,8 @@ class Detector(ABC):
         labels = self.class_labels(clean.labels[checked])
         self.calibration = calibrate_threshold(
             np.concatenate([s[checked] for s, _, _ in runs]), np.tile(labels, repeats), self.num_classes, self.name,
-            self.draw_size, fprs, image_ids=np.tile(np.arange(len(labels)), repeats))
+            self.draw_size, fprs, image_ids=np.tile(np.arange(len(labels)), repeats),
+            held_out=np.tile(calibration_split(len(clean), seed)[checked], repeats), confidence=confidence)
         self._set_operating_fpr(self.fpr)
         return self.calibration
 
@@ -341,15 +346,19 @@ class PValueFusion(Detector):
         super().__init__(calibration, fpr)
 
     def calibrate(self, clean: Observations, fprs: Sequence[float] = DEFAULT_FPRS, repeats: int = 1, seed: int = 0,
-                  progress: bool = False) -> Calibration:
+                  progress: bool = False, confidence: float | None = None) -> Calibration:
+        """Members (if not yet calibrated) and their clean references on the reference half of
+        :func:`kernels.calibration.calibration_split`, the fused threshold on the held-out half: the
+        fused score is fixed before the images that set its threshold are seen."""
         rng = np.random.default_rng([seed, 1])
+        reference = clean.take(~calibration_split(len(clean), seed))
         self.references = {}
         for name, member in self.members.items():
             if member.calibration is None:
-                member.calibrate(clean, fprs, repeats, seed, progress)
-            runs = [member.detect(clean, rng=rng) for _ in range(repeats if member.randomized else 1)]
+                member.calibrate(clean, fprs, repeats, seed, progress, confidence)
+            runs = [member.detect(reference, rng=rng) for _ in range(repeats if member.randomized else 1)]
             self.references[name] = np.quantile(np.concatenate([v.score[v.checked] for v in runs]), REFERENCE_LEVELS)
-        return super().calibrate(clean, fprs, repeats, seed + 1, progress)
+        return super().calibrate(clean, fprs, repeats, seed, progress, confidence)
 
     def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None):
         if self.references is None:
@@ -377,11 +386,16 @@ REFERENCE_LEVELS = np.linspace(0.0, 1.0, 2001)
 
 def clean_log_p_value(z: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """``log P(clean score <= z)`` from the clean quantiles ``reference`` (at :data:`REFERENCE_LEVELS`),
-    the lowest quantile standing for half a level; below it a Gaussian tail continues the curve."""
+    the lowest quantile standing for half a level; below it a Gaussian tail continues the curve.
+
+    A score that many clean inputs share (the vote takes at most ``m + 1`` values, so its quantiles hold
+    long runs of one value) gets the level at the *end* of its run, ``P(clean <= z)``; between distinct
+    values the level is interpolated."""
     from scipy.special import log_ndtr
 
     floor = REFERENCE_LEVELS[1] / 2
-    inside = np.log(np.maximum(np.interp(z, reference, REFERENCE_LEVELS), floor))
+    values, last = np.unique(reference[::-1], return_index=True)  # each value's last level
+    inside = np.log(np.maximum(np.interp(z, values, REFERENCE_LEVELS[len(reference) - 1 - last]), floor))
     tail = np.log(floor) + log_ndtr(np.minimum(z, reference[0])) - log_ndtr(reference[0])
     return np.where(z < reference[0], tail, inside)
 

@@ -26,10 +26,11 @@ from kernels.detector import Observations, Verdicts, served_detector
 from kernels.errors import FingerprintError
 from kernels.scoring import check_activations, secure_rng
 
-METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector"),
-           ("nfp_flagged_total", "Inputs flagged as attacked"),
-           ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"),
-           ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints"))
+METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector, by predicted class"),
+           ("nfp_flagged_total", "Inputs flagged as attacked, by predicted class"),
+           ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"))
+KERNEL_METRIC = ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints")
+SCORE_HISTOGRAM = "nfp_score"
 SIGNATURE_GAUGE = "nfp_signature_verified"
 
 
@@ -66,20 +67,38 @@ def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
 
 
 class DetectorMetrics:
-    """Prometheus counters of a detecting model (``pb_utils`` is Triton's module, passed in so this
-    file imports without Triton): inputs answered, inputs flagged, inputs left unchecked, kernel microseconds."""
+    """Prometheus metrics of a detecting model (``pb_utils`` is Triton's module, passed in so this file
+    imports without Triton): inputs answered, flagged and left unchecked per predicted class
+    (``{model, class}``), kernel microseconds, and the histogram ``nfp_score{model, class}`` of the
+    standardized scores of checked inputs, its buckets the clean calibration reference's quantiles
+    (``Calibration.reference``; ``nfp drift`` compares a window of it with the reference)."""
 
-    def __init__(self, pb_utils, model: str) -> None:
+    def __init__(self, pb_utils, model: str, detector: "ServedDetector") -> None:
+        classes = [str(c) for c in range(detector.bank.num_classes)]
+        kind = pb_utils.MetricFamily
         # keep the families alive: a Metric fails once its MetricFamily is garbage-collected
-        self.families = [pb_utils.MetricFamily(name=name, description=text, kind=pb_utils.MetricFamily.COUNTER)
-                         for name, text in METRICS]
-        self.inputs, self.flagged, self.unchecked, self.kernel_us = (f.Metric(labels={"model": model})
-                                                                     for f in self.families)
+        self.families = [kind(name=name, description=text, kind=kind.COUNTER) for name, text in (*METRICS, KERNEL_METRIC)]
+        self.inputs, self.flagged, self.unchecked = ([f.Metric(labels={"model": model, "class": c}) for c in classes]
+                                                     for f in self.families[:3])
+        self.kernel_us = self.families[3].Metric(labels={"model": model})
+        reference = detector.detector.calibration.reference
+        self.scores = None
+        if reference is not None:
+            self.families.append(kind(name=SCORE_HISTOGRAM, kind=kind.HISTOGRAM,
+                                      description="Standardized detector scores of checked inputs (low: attacked); "
+                                                  "buckets: quantiles of the clean calibration scores"))
+            self.scores = [self.families[-1].Metric(labels={"model": model, "class": c}, buckets=reference["edges"])
+                           for c in classes]
 
-    def record(self, verdicts: Verdicts, kernel_s: float) -> None:
-        self.inputs.increment(len(verdicts.checked))
-        self.flagged.increment(int(verdicts.is_attacked.sum()))
-        self.unchecked.increment(int((~verdicts.checked).sum()))
+    def record(self, verdicts: Verdicts, labels: np.ndarray, kernel_s: float) -> None:
+        for c in np.unique(labels):
+            rows = labels == c
+            self.inputs[c].increment(int(rows.sum()))
+            self.flagged[c].increment(int(verdicts.is_attacked[rows].sum()))
+            self.unchecked[c].increment(int((~verdicts.checked[rows]).sum()))
+            if self.scores is not None:
+                for value in verdicts.score[rows & verdicts.checked]:
+                    self.scores[c].observe(float(value))
         self.kernel_us.increment(int(kernel_s * 1e6))
 
 

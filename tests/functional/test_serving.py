@@ -141,6 +141,38 @@ def test_detection_counts_are_exported_as_prometheus_metrics(served, mnist_subse
     assert after["nfp_kernel_microseconds_total"] > before["nfp_kernel_microseconds_total"]
 
 
+@pytest.mark.parametrize("shift", ["none", "contrast"])
+def test_nfp_drift_alarms_on_shifted_clean_traffic_and_not_on_unshifted(served, shift, capsys):
+    """`nfp drift` over a window of the server's score histogram: the run's clean test images (a random
+    split, like the calibration's) keep the false-positive rate; the same images at half contrast (a new
+    camera) do not, and it says so."""
+    import threading
+    import time
+
+    from export.cli import main
+    from export.pipeline import load_prepared
+    from export.workspace import Workspace
+
+    out, server, client = served
+    detector = {"guarded_classifier": "fingerprint_detector"}.get(client.model, client.model)
+    ds, splits, _ = load_prepared(Workspace(out))
+    x = ds.x[splits.test]
+    if shift == "contrast":
+        x = (0.5 * x + 0.25).astype(np.float32)
+    result = {}
+    watcher = threading.Thread(target=lambda: result.update(rc=main(
+        ["drift", "--out", str(out), "--metrics-url", server.metrics_url, "--model", detector, "--window", "10",
+         "--fpr", str(FPR)])))
+    watcher.start()
+    time.sleep(3)  # the command's first reading of the metrics opens the window
+    for chunk in np.array_split(x, 10):
+        client.detect(chunk)
+    watcher.join()
+    assert result["rc"] == (1 if shift == "contrast" else 0)
+    printed = capsys.readouterr().out
+    assert f"window: {len(x)} inputs" in printed and ("ALARM" if shift == "contrast" else "OK: the false-positive") in printed
+
+
 def test_a_bank_built_for_another_model_is_refused_at_load(tiny_run, tmp_path):
     out, _ = tiny_run
     repo = write_repository(out, tmp_path / "repo", "cpu")

@@ -206,7 +206,9 @@ def test_targeted_runs_into_every_class_beat_the_untargeted_attack_on_the_same_i
     assert strong.runs[0].startswith("untargeted") and len(strong.runs) == 11
     assert strong.history == sorted(strong.history)  # each run only ever improves what is kept
     weak_rate, strong_rate = (served_evasion(small_model, detector, layout, r.x_adv, y, 40) for r in (weak, strong))
-    assert strong_rate > weak_rate + 0.3  # measured: 0.94 against 0.40 at 40 steps
+    # measured: 0.997 against 0.732 (split-conformal thresholds; 0.94 against 0.40 with in-sample ones):
+    # the strong attacker leaves at most a quarter of the images the untargeted pass leaves stopped
+    assert strong_rate > weak_rate + 0.15 and 1 - strong_rate <= 0.25 * (1 - weak_rate)
     assert abs(strong_rate - strong.pass_probability.mean()) < 0.06
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from export.defences import bank_overlap
-from export.whitebox import bootstrap_mean, request_evasion, wilson
+from export.evaluation import wilson
+from export.whitebox import bootstrap_mean, request_evasion
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import InvalidInputError

@@ -48,7 +48,7 @@ class TritonPythonModel:
                                        gpu=args.get("model_instance_kind") == "GPU",
                                        device_id=int(args.get("model_instance_device_id", "0")), served_model=classifier)
         self.name = args["model_name"]
-        self.metrics = DetectorMetrics(pb_utils, self.name)
+        self.metrics = DetectorMetrics(pb_utils, self.name, self.detector)
         self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
 
@@ -75,7 +75,7 @@ class TritonPythonModel:
             return responses
         labels, logits = np.concatenate(labels), np.concatenate(logits)
         verdicts, kernel_s = self.detector.detect(labels, acts, logits)
-        self.metrics.record(verdicts, kernel_s)
+        self.metrics.record(verdicts, labels, kernel_s)
         for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners], self.audit)):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

@@ -41,7 +41,7 @@ class TritonPythonModel:
         self.logits = params["logits_output"]
         # the model's own outputs (an imported model's), served beside the detection outputs
         self.originals = [o["name"] for o in config["output"] if o["name"] not in DETECTION_OUTPUTS]
-        self.metrics = DetectorMetrics(pb_utils, self.name)
+        self.metrics = DetectorMetrics(pb_utils, self.name, self.detector)
         self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
 
@@ -82,7 +82,7 @@ class TritonPythonModel:
         if len(answered) < len(owners):
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
         verdicts, kernel_s = self.detector.detect(labels, [acts], logits)
-        self.metrics.record(verdicts, kernel_s)
+        self.metrics.record(verdicts, labels, kernel_s)
         for (i, _), s, out in zip(answered, rows, response_tensors(logits, labels, verdicts, [n for _, n in answered],
                                                                     self.audit)):
             out.update({name: outputs[name][s] for name in self.originals})
