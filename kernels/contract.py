@@ -1,7 +1,7 @@
 """A served classifier's interface (its contract): what the guarded repository keeps, what clients send.
 
 The offline pipeline works on images ``(B, C, H, W)`` float in [0, 1]. A model the user already serves
-may take ``UINT8`` NHWC pixels under another input name (``export.onnx_model`` imports it); the
+may take ``UINT8`` NHWC pixels under another input name (``export.models.onnx_import`` imports it); the
 writer serves that contract unchanged; the served models read their input back from their configs
 and clients turn their images into it (:class:`ServedInput`). A torch-started pipeline has the default contract: ``images`` FP32
 NCHW in [0, 1], output ``logits``.

@@ -14,7 +14,7 @@ clean statistics of the predicted class and compares it with the calibrated thre
 fingerprints (Fisher, Shahar & Resheff, 2024, Sec. 3.3) with a pluggable draw policy and backend,
 their static all-fingerprint variant, the baselines (:mod:`kernels.baselines`) and, in the white-box
 experiment, a running Triton server. :class:`PValueFusion` makes several of them one decision; the
-served default (:func:`served_detector`, run by :mod:`model_repository.serving`) fuses the fingerprints'
+served default (:func:`kernels.served.served_detector`, run by :mod:`model_repository.serving`) fuses the fingerprints'
 vote with the logit margin.
 """
 from __future__ import annotations
@@ -400,22 +400,3 @@ def clean_log_p_value(z: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return np.where(z < reference[0], tail, inside)
 
 
-def served_detector(bank: Bank, fpr: float | None = None, backend=None) -> Detector:
-    """The detector a calibrated bank was calibrated for: the fusion that ``nfp calibrate`` stores by
-    default (the fingerprints' vote and the logit margin), else the fingerprints' likelihood ratio."""
-    from kernels.baselines import LogitMargin
-
-    calibrations = bank.meta.get("calibration", {})
-    if "fused" not in calibrations:
-        return FingerprintDetector.from_bank(bank, "lrt", fpr, backend)
-    d = calibrations["fused"]
-    members: dict[str, Detector] = {}
-    for name in d["members"]:
-        if name in METHODS:
-            members[name] = FingerprintDetector.from_bank(bank, name, None, backend)
-        elif name == "margin":
-            members[name] = LogitMargin(Calibration.from_json(calibrations[name]))
-        else:
-            raise InvalidInputError(f"the bank's fused detector has a member {name!r} this code does not know")
-    return PValueFusion(members, d["rule"], {k: np.array(v) for k, v in d["references"].items()},
-                        Calibration.from_json(d), fpr)

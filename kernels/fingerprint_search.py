@@ -20,7 +20,7 @@ candidates at a time with bounded memory (``chunk`` candidates):
   ``O(k N)`` streamed work per candidate; works for convolutional feature maps (``D ~ 10^5``).
 
 ``"auto"`` takes the covariance path when ``D`` is moderate and ``k`` small against ``N`` (where it is
-faster, measured by ``python -m export.search_benchmark``), the gather path otherwise.
+faster, measured by ``python -m export.evaluation.search_benchmark``), the gather path otherwise.
 """
 from __future__ import annotations
 

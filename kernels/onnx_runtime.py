@@ -1,6 +1,6 @@
 """The onnxruntime session both the export's parity check and the served classifier use.
 
-Settings chosen by measurement (``python -m export.onnx_export runs/default/model.onnx``, MNIST CNN,
+Settings chosen by measurement (``python -m export.models.onnx_export runs/default/model.onnx``, MNIST CNN,
 2-core CPU, 2026-11-24): full graph optimisation with 2 intra-op threads gave batch-1 p50 117 us and
 batch-64 3.0 ms, against 172-183 us and 4.5-9.1 ms for basic optimisation or one thread. So: full
 optimisation, sequential execution, intra-op threads left to onnxruntime (the physical cores). The

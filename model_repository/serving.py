@@ -4,7 +4,7 @@ Fisher, Shahar & Resheff (2024), Sec. 3.3, as a server runs it: verify the model
 (:mod:`model_repository.signing`) when the server has a public key, load the bank once, refusing a bank
 built for another model than the ONNX file actually served (hashed at load), check each request on its
 own, and answer a batch of requests through the detector contract
-(:func:`kernels.detector.served_detector`: by default the fusion of the randomized fingerprints, where
+(:func:`kernels.served.served_detector`: by default the fusion of the randomized fingerprints, where
 every input draws its own ``m`` fingerprints from the bank of its predicted class from the operating
 system's CSPRNG and one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`, and the
 logit margin).
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from kernels.bank import Bank, sha256_file
-from kernels.detector import Observations, Verdicts, served_detector
+from kernels.detector import Observations, Verdicts
+from kernels.served import served_detector
 from kernels.errors import FingerprintError
 from kernels.scoring import check_activations, secure_rng
 

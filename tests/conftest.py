@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def mnist():
-    from export.datasets import load_mnist_5k
+    from export.data.datasets import load_mnist_5k
 
     return load_mnist_5k()
 
@@ -44,8 +44,8 @@ def mnist_npz(tmp_path_factory, mnist_subset):
 @pytest.fixture(scope="session")
 def small_model(mnist_subset):
     """The built-in small CNN trained for a few epochs on the subset (about 90% accurate on it)."""
-    from export.models import default_spec
-    from export.training import TrainingConfig, train_classifier
+    from export.models.classifier import default_spec
+    from export.models.training import TrainingConfig, train_classifier
 
     x, y = mnist_subset
     model = default_spec((1, 28, 28), 10).build()

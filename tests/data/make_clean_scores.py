@@ -16,8 +16,8 @@ import numpy as np
 
 
 def main() -> None:
-    from export.pipeline import bank_dir, load_activation_set
-    from export.workspace import Workspace
+    from export.data.artifacts import bank_dir, load_activation_set
+    from export.data.workspace import Workspace
     from kernels.bank import Bank
     from kernels.baselines import LogitMargin
     from kernels.detector import DEFAULT_M, FingerprintDetector, Observations, RandomDraws

@@ -49,8 +49,8 @@ def guarded(tiny_run, mnist_npz, tmp_path_factory):
     import io
 
     from export.cli import main
-    from export.pipeline import load_classifier
-    from export.workspace import Workspace
+    from export.models.classifier import load_classifier
+    from export.data.workspace import Workspace
 
     root = tmp_path_factory.mktemp("served")
     folder = users_model_folder(load_classifier(Workspace(tiny_run[0])), root / "digits")
@@ -90,7 +90,7 @@ def test_layers_lists_the_users_graph_tensors_with_shapes_and_marks_the_default(
 
 
 def test_detection_matches_the_torch_started_pipeline_on_the_same_data(guarded, tiny_run):
-    from export.defences import bank_overlap
+    from export.bank.search import bank_overlap
     from kernels.bank import Bank
 
     _, out, _ = guarded

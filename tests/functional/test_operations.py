@@ -124,8 +124,8 @@ def test_fuzzed_images_are_answered_exactly_when_valid_and_the_server_keeps_serv
 
 
 def rotated(out, repository, private, url, admin_key, seed):
-    from export.rotation import rotate
-    from export.workspace import Workspace
+    from export.bank.rotation import rotate
+    from export.data.workspace import Workspace
 
     return rotate(Workspace(out), repository, private, url, admin_key, seed=seed, progress=False)
 

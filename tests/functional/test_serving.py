@@ -8,7 +8,7 @@ import pytest
 
 from client.grpc_client import DetectorClient, RequestError
 from client.metrics import detector_counters, signature_verified
-from export.datasets import load_dataset
+from export.data.datasets import load_dataset
 from kernels.bank import Bank
 from kernels.calibration import Calibration
 from kernels.onnx_runtime import ort_session
@@ -150,8 +150,8 @@ def test_nfp_drift_alarms_on_shifted_clean_traffic_and_not_on_unshifted(served, 
     import time
 
     from export.cli import main
-    from export.pipeline import load_prepared
-    from export.workspace import Workspace
+    from export.data.artifacts import load_prepared
+    from export.data.workspace import Workspace
 
     out, server, client = served
     detector = {"guarded_classifier": "fingerprint_detector"}.get(client.model, client.model)
@@ -368,8 +368,8 @@ def test_whitebox_command_sends_the_adaptive_attacks_to_the_running_server(tiny_
 def test_whitebox_refuses_a_server_that_serves_another_model(tiny_run, server, tmp_path):
     import shutil
 
-    from export.whitebox import WhiteboxConfig, whitebox
-    from export.workspace import Workspace
+    from export.adversary.whitebox import WhiteboxConfig, whitebox
+    from export.data.workspace import Workspace
     from kernels.errors import ModelMismatchError
 
     out = tmp_path / "run"

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from export.distributed import build_bank, shard_path
-from export.workspace import Workspace
+from export.bank.ray_build import RayCluster, build_bank, shard_path
+from export.data.workspace import Workspace
 from kernels.bank import ARRAYS, Bank
 from kernels.errors import FingerprintError
 from kernels.fingerprint_search import SearchConfig
@@ -36,7 +36,7 @@ def assert_same_bank(a: Workspace, b: Workspace):
 @pytest.fixture(scope="module")
 def one_process(tiny_run, tmp_path_factory):
     ws = trained_copy(tiny_run, tmp_path_factory.mktemp("bank") / "local")
-    report = build_bank(ws, workers=0, classes=range(6), **SMALL)
+    report = build_bank(ws, classes=range(6), cluster=RayCluster(workers=0), **SMALL)
     assert report["shards"] == report["computed_now"] == 6
     return ws
 
@@ -48,7 +48,7 @@ def test_a_two_node_ray_cluster_builds_the_bank_of_one_process(tiny_run, one_pro
     cluster.add_node(num_cpus=1)
     try:
         ws = trained_copy(tiny_run, tmp_path / "cluster")
-        report = build_bank(ws, ray_address=cluster.address, classes=range(6), **SMALL)
+        report = build_bank(ws, classes=range(6), cluster=RayCluster(address=cluster.address), **SMALL)
     finally:
         cluster.shutdown()
     assert report["computed_now"] == 6
@@ -63,7 +63,7 @@ def test_a_worker_killed_mid_run_leaves_the_saved_shards_and_a_resumed_run_the_s
 
     def run():
         try:
-            build_bank(ws, workers=2, max_retries=0, classes=range(6), **SMALL)
+            build_bank(ws, classes=range(6), cluster=RayCluster(workers=2, max_retries=0), **SMALL)
         except FingerprintError as e:
             failure.append(str(e))
 
@@ -77,7 +77,7 @@ def test_a_worker_killed_mid_run_leaves_the_saved_shards_and_a_resumed_run_the_s
     assert failure and "run the same command again" in failure[0]
     saved = [c for c in range(6) if shard_path(ws, c).exists()]
     assert 0 < len(saved) < 6
-    report = build_bank(ws, workers=2, classes=range(6), **SMALL)
+    report = build_bank(ws, classes=range(6), cluster=RayCluster(workers=2), **SMALL)
     assert report["computed_now"] == 6 - len(saved), "only the missing shards are computed"
     assert_same_bank(ws, one_process)
 
@@ -86,4 +86,4 @@ def test_a_resumed_run_with_other_options_is_refused(tiny_run, one_process):
     from kernels.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="another plan"):
-        build_bank(one_process, workers=0, classes=range(6), **{**SMALL, "per_class": 11})
+        build_bank(one_process, classes=range(6), cluster=RayCluster(workers=0), **{**SMALL, "per_class": 11})

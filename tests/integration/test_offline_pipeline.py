@@ -54,20 +54,28 @@ def test_stages_out_of_order_say_which_stage_to_run_first(tmp_path, capsys):
                                      "export", "serve", "rotate", "build-bank", "layers", "predict", "whitebox", "demo",
                                      "study", "synthetic-bank", "pipeline"])
 def test_every_subcommand_explains_itself_and_each_of_its_options_is_read(command, capsys):
-    """A flag the code never reads would be a lie in --help: every option's value must be read as
-    ``args.<name>`` by the command line's code."""
+    """A flag the code never reads would be a lie in --help: every option becomes a field of the
+    command's frozen Config, and the command's module must read each one as ``cfg.<name>`` (``out`` and
+    ``quiet`` the dispatcher reads; ``nfp pipeline`` reads its options through its stages' modules)."""
+    import dataclasses
     import inspect
 
-    import export.cli
     from export.cli import build_parser
+    from export.cli import command as module_of
+    from export.cli import options
 
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
     assert e.value.code == 0 and "usage: nfp " + command in capsys.readouterr().out
     parser = build_parser([command])
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    source = inspect.getsource(export.cli)
-    unread = [a.dest for a in sub._actions if a.dest != "help" and f"args.{a.dest}" not in source]
+    module = module_of(command)
+    modules = [module_of(name) for name in module.STAGES] if command == "pipeline" else [module]
+    source = inspect.getsource(options) + "".join(inspect.getsource(m) for m in modules)
+    fields = {f.name for m in modules for f in dataclasses.fields(m.Config)}
+    dests = [a.dest for a in sub._actions if a.dest not in ("help", "quiet")]
+    assert set(dests) <= fields | {"out"}, f"nfp {command}: options without a Config field"
+    unread = [d for d in dests if f"cfg.{d}" not in source and d != "out"]
     assert not unread, f"nfp {command} accepts options nothing reads: {unread}"
 
 
@@ -96,8 +104,8 @@ def test_predict_against_a_dead_server_says_so_in_one_line_without_loading_torch
 def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
     import shutil
 
-    from export import pipeline
-    from export.workspace import Workspace
+    from export.pipeline import stages as pipeline
+    from export.data.workspace import Workspace
     from kernels.errors import ModelMismatchError
 
     out, _ = tiny_run
@@ -105,10 +113,10 @@ def test_a_users_model_and_weights_replace_training(tiny_run, tmp_path):
         shutil.copy2(out / name, tmp_path / name)
     ws = Workspace(tmp_path)
     trained = json.loads((out / "classifier.json").read_text())["accuracy"]
-    result = pipeline.train(ws, factory="export.models:SmallCNN", weights=out / "classifier.pt", progress=False)
+    result = pipeline.train(ws, factory="export.models.classifier:SmallCNN", weights=out / "classifier.pt", progress=False)
     assert result["trained"] is False and result["accuracy"] == trained
     with pytest.raises(ModelMismatchError, match="do not match SmallCNN"):
-        pipeline.train(ws, factory="export.models:SmallCNN", factory_kwargs={"num_classes": 7},
+        pipeline.train(ws, factory="export.models.classifier:SmallCNN", factory_kwargs={"num_classes": 7},
                        weights=out / "classifier.pt", progress=False)
 
 
@@ -117,8 +125,8 @@ def test_search_with_max_correlation_keeps_each_classs_fingerprints_apart(tiny_r
 
     import numpy as np
 
-    from export.pipeline import load_activation_set
-    from export.workspace import Workspace
+    from export.data.artifacts import load_activation_set
+    from export.data.workspace import Workspace
     from kernels.bank import Bank
 
     out = tmp_path / "run"
@@ -159,7 +167,7 @@ def test_harden_command_attacks_the_bank_searches_again_and_keeps_the_bank_the_a
 def test_whitebox_command_attacks_every_defence_at_every_eps(tiny_run, tmp_path, capsys):
     import shutil
 
-    from export.defences import DEFENCES
+    from export.adversary.defences import DEFENCES
 
     out = tmp_path / "run"
     shutil.copytree(tiny_run[0], out)

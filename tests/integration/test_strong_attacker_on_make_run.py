@@ -18,12 +18,13 @@ pytestmark = [pytest.mark.integration,
 
 @pytest.mark.parametrize("eps, independent", [(0.2, 0.990), (0.3, 0.999)])
 def test_the_strong_attacker_gets_as_many_images_past_the_make_run_default_as_the_independent_one(eps, independent):
-    from export.activations import ActivationLayout, capture_activations
-    from export.adaptive_attack import AttackConfig, ExpectedDetector, adaptive_attack
-    from export.defences import Hardening, build
-    from export.pipeline import bank_dir, correctly_classified, load_classifier, load_prepared
-    from export.whitebox import request_evasion
-    from export.workspace import Workspace
+    from export.models.activations import ActivationLayout, capture_activations
+    from export.adversary.attacker import AttackConfig, ExpectedDetector, adaptive_attack
+    from export.adversary.defences import Hardening, build
+    from export.data.artifacts import bank_dir, load_prepared
+    from export.models.classifier import correctly_classified, load_classifier
+    from export.adversary.whitebox import request_evasion
+    from export.data.workspace import Workspace
     from kernels.bank import Bank
     from kernels.detector import Observations
 

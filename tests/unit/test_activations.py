@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from export.activations import ActivationLayout, capture_activations, default_layers
+from export.models.activations import ActivationLayout, capture_activations, default_layers
 from kernels.errors import LayerNotFoundError
 
 

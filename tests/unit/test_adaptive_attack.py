@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.activations import capture_activations
-from export.adaptive_attack import AttackConfig, ExpectedDetector, adaptive_attack, member_thresholds, plain_pgd
+from export.models.activations import capture_activations
+from export.adversary.attacker import AttackConfig, ExpectedDetector, adaptive_attack, member_thresholds, plain_pgd
 from kernels.bank import Bank
 from kernels.baselines import LogitMargin
 from kernels.detector import AllFingerprints, FingerprintDetector, Observations, PValueFusion, RandomDraws
@@ -166,7 +166,7 @@ def guarded_small_model(small_model, mnist_subset):
 
 
 def test_the_detector_term_has_a_gradient_at_the_input_image(small_model, guarded_small_model):
-    from export.onnx_export import ClassifierWithActivations
+    from export.models.onnx_export import ClassifierWithActivations
 
     detector, layout, x, _ = guarded_small_model
     images = torch.from_numpy(x[:8]).requires_grad_(True)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from export.attacks import ATTACK_DEFAULTS, AttackSpec, attack_into_classes, parse_attack, run_attack
-from export.models import predict
+from export.attacks.art_attacks import BankAttacks, ATTACK_DEFAULTS, AttackSpec, attack_into_classes, parse_attack, run_attack
+from export.models.classifier import predict
 from kernels.errors import InvalidInputError
 
 MNIST = ATTACK_DEFAULTS["mnist"]
@@ -48,7 +48,8 @@ def test_untargeted_pgd_success_is_counted_from_the_models_own_predictions(small
 
 def test_training_attacks_push_other_classes_into_each_focal_class(small_model, mnist_subset):
     x, y = mnist_subset
-    results = attack_into_classes(small_model, x, y, np.arange(len(y)), 10, MNIST, per_class=4, progress=False)
+    results = attack_into_classes(small_model, x, y, np.arange(len(y)), 10, BankAttacks(MNIST, per_class=4),
+                                  progress=False)
     tried = np.concatenate([r.target for r in results])
     assert set(tried.tolist()) == set(range(10))
     for r in results:

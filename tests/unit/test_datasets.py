@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.datasets import load_dataset, read_idx, split_dataset
+from export.data.datasets import load_dataset, read_idx, split_dataset
 from kernels.errors import DatasetError
 
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.activations import capture_activations, default_layers
-from export.models import ClassifierSpec
+from export.models.activations import capture_activations, default_layers
+from export.models.classifier import ClassifierSpec
 
 skimage = pytest.importorskip("skimage")
 

@@ -1,7 +1,7 @@
 """The evaluation report counts what a server would see: every successful attack, checked or not."""
 import numpy as np
 
-from export.evaluation import evaluate_attack, markdown_table
+from export.evaluation.report import evaluate_attack, markdown_table
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels
 from kernels.detector import FingerprintDetector, Observations, RandomDraws

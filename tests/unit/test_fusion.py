@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from kernels.baselines import LogitMargin
-from kernels.detector import FingerprintDetector, PValueFusion, Observations, RandomDraws, served_detector
+from kernels.detector import FingerprintDetector, PValueFusion, Observations, RandomDraws
+from kernels.served import served_detector
 
 
 def logits_with_margin(labels, margin, rng):

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from export.models import ClassifierSpec, default_spec, load_checkpoint, load_weights, save_checkpoint
+from export.models.classifier import ClassifierSpec, default_spec, load_checkpoint, save_checkpoint
+from export.models.weights import load_weights
 from kernels.errors import InvalidInputError, ModelMismatchError
 
 

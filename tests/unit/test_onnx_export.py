@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.activations import capture_activations
-from export.onnx_export import ClassifierWithActivations, check_parity, export_onnx
+from export.models.activations import capture_activations
+from export.models.onnx_export import ClassifierWithActivations, check_parity, export_onnx
 from kernels.errors import ModelMismatchError
 from kernels.onnx_runtime import ort_session
 

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.onnx_model import OnnxClassifier, conversion_gap, intermediate_tensors, proposed_layers, read_model, with_activations
+from export.models.onnx_import import OnnxClassifier, conversion_gap, intermediate_tensors, proposed_layers, read_model, with_activations
 from kernels.contract import Contract
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.onnx_runtime import ort_session

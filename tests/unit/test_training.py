@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from export.models import default_spec, predict
-from export.training import TrainingConfig, train_classifier
+from export.models.classifier import default_spec, predict
+from export.models.training import TrainingConfig, train_classifier
 
 
 def test_training_learns_and_is_reproducible_with_a_seed(mnist_subset, small_model):
@@ -23,8 +23,8 @@ def test_adversarial_training_makes_the_model_harder_to_attack(mnist_subset, sma
     """ART's Madry PGD training: after it, PGD at the trained budget fools the model on fewer images."""
     import copy
 
-    from export.attacks import ATTACK_DEFAULTS, AttackSpec, run_attack
-    from export.training import adversarial_training
+    from export.attacks.art_attacks import ATTACK_DEFAULTS, AttackSpec, run_attack
+    from export.models.training import adversarial_training
 
     x, y = mnist_subset
     robust = copy.deepcopy(small_model)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from export.defences import bank_overlap
-from export.evaluation import wilson
-from export.whitebox import bootstrap_mean, request_evasion
+from export.bank.search import bank_overlap
+from export.evaluation.report import wilson
+from export.adversary.whitebox import bootstrap_mean, request_evasion
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import InvalidInputError
