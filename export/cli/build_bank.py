@@ -5,7 +5,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.cli.options import CommandConfig, add_out, add_quiet, add_search, search_config
+from export.cli.options import SearchOptions, add_out, add_quiet, add_search, search_config
 
 HELP = "the bank's attacks, capture and search as one shard per class on Ray (local cores by default, or a cluster), resumable; merged into bank/ with the calibration split captured (after train; calibrate, export and serve after it)"
 
@@ -29,7 +29,7 @@ OPTIONS = (add_out, add_quiet, add_arguments,)
 
 
 @dataclass(frozen=True)
-class Config(CommandConfig):
+class Config(SearchOptions):
     """What ``nfp build-bank`` reads: its options."""
 
     out: Path
@@ -40,14 +40,6 @@ class Config(CommandConfig):
     workers: int | None
     ray_address: str | None
     max_retries: int
-    k: tuple[int, ...]
-    candidates: int
-    p_max: float
-    d_min: float
-    keep: int
-    search_method: str
-    search_seed: int
-    max_correlation: float | None
 
 
 def run(cfg: Config, ws, progress: bool) -> dict:

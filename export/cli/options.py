@@ -66,6 +66,20 @@ def add_search(p: argparse.ArgumentParser) -> None:
                         "data at most this (0.5 measured best against the adaptive attacker; default: off)")
 
 
+@dataclass(frozen=True)
+class SearchOptions(CommandConfig):
+    """The fields of :func:`add_search`'s options, for the commands that search."""
+
+    k: tuple[int, ...]
+    candidates: int
+    p_max: float
+    d_min: float
+    keep: int
+    search_method: str
+    search_seed: int
+    max_correlation: float | None
+
+
 def search_config(cfg):
     from kernels.fingerprint_search import SearchConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.cli.options import CommandConfig, add_out, add_quiet, add_search, search_config
+from export.cli.options import SearchOptions, add_out, add_quiet, add_search, search_config
 
 HELP = "search each class's fingerprints and write the bank"
 
@@ -13,18 +13,10 @@ OPTIONS = (add_out, add_quiet, add_search,)
 
 
 @dataclass(frozen=True)
-class Config(CommandConfig):
+class Config(SearchOptions):
     """What ``nfp search`` reads: its options."""
 
     out: Path
-    k: tuple[int, ...]
-    candidates: int
-    p_max: float
-    d_min: float
-    keep: int
-    search_method: str
-    search_seed: int
-    max_correlation: float | None
 
 
 def run(cfg: Config, ws, progress: bool) -> dict:
