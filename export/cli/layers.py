@@ -9,7 +9,6 @@ from export.cli.options import CommandConfig, add_onnx_model
 
 HELP = 'list the tensors of an ONNX model or Triton model folder with their shapes, the default fingerprinted ones marked (for capture --layers)'
 
-
 OPTIONS = (lambda p: add_onnx_model(p, True),)
 REPORTS = False  # prints its own answer; no workspace
 

@@ -8,7 +8,6 @@ from export.cli.options import SearchOptions, add_out, add_quiet, add_search, se
 
 HELP = "search each class's fingerprints and write the bank"
 
-
 OPTIONS = (add_out, add_quiet, add_search,)
 
 
