@@ -44,6 +44,8 @@ class Observations:
             CuPy array or a DLPack-capable GPU tensor).
         images: ``(B, C, H, W)`` the inputs themselves.
         logits: ``(B, C)`` the classifier's logits.
+        squeezed_logits: ``(B, S, C)`` its logits on each squeezed copy of the inputs
+            (:mod:`kernels.squeezing`; the served graph's ``squeezed_logits`` output).
         validated: ``acts`` were already checked for dtype, shape and finite values (the server checks
             each request on its own, to answer a bad one with its own error); not checked again.
     """
@@ -52,6 +54,7 @@ class Observations:
     acts: object = None
     images: np.ndarray | None = None
     logits: np.ndarray | None = None
+    squeezed_logits: np.ndarray | None = None
     validated: bool = False
 
     def __len__(self) -> int:
@@ -61,7 +64,7 @@ class Observations:
         """The observations of ``rows`` (indices or a mask), host arrays only."""
         pick = lambda a: None if a is None else np.asarray(a)[rows]  # noqa: E731
         return Observations(np.asarray(self.labels)[rows], pick(self.acts), pick(self.images), pick(self.logits),
-                            self.validated)
+                            pick(self.squeezed_logits), self.validated)
 
     def need(self, field: str, who: str):
         value = getattr(self, field)

@@ -6,8 +6,8 @@ built for another model than the ONNX file actually served (hashed at load), che
 own, and answer a batch of requests through the detector contract
 (:func:`kernels.served.served_detector`: by default the fusion of the randomized fingerprints, where
 every input draws its own ``m`` fingerprints from the bank of its predicted class from the operating
-system's CSPRNG and one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`, and the
-logit margin).
+system's CSPRNG and one gather-reduce in NumPy or the CUDA kernel of :mod:`kernels.gpu`, the logit
+margin and feature squeezing, whose squeezed copies' logits come from the served graph).
 
 Both Triton models that detect use it: ``fingerprint_detector`` (the ensemble's second step) and
 ``guarded_classifier_fused`` (classifier and detector in one step). It holds no Triton code, so it is
@@ -23,7 +23,7 @@ import numpy as np
 
 from kernels.bank import Bank, sha256_file
 from kernels.detector import Observations, Verdicts
-from kernels.served import served_detector
+from kernels.served import served_detector, served_squeezers
 from kernels.errors import FingerprintError
 from kernels.scoring import check_activations, secure_rng
 
@@ -146,15 +146,17 @@ class ServedDetector:
             backend = GpuScorer(bank, device_id)
         self.detector = served_detector(bank, float(false_positive_rate), backend)
         self.bank, self.gpu = bank, backend
+        self.squeezers = len(served_squeezers(bank))  # squeezed copies whose logits each request brings
         bank.lrt_params  # build the scoring table now, not on the first request
         self.rng = secure_rng()
 
-    def check(self, logits: np.ndarray, acts):
-        """Predicted labels ``(B,)`` of one request's ``logits (B, C)`` and ``acts (B, D)``, and the
-        activations to score (on the GPU path a checked CuPy view of a GPU tensor); raises
-        :class:`FingerprintError` naming the problem if the request is malformed. Activations are
-        validated per request on both paths, so one bad request fails alone. An image predicted as a
-        class the bank cannot check is no error: it is answered unchecked."""
+    def check(self, logits: np.ndarray, acts, squeezed: np.ndarray | None = None):
+        """Predicted labels ``(B,)`` of one request's ``logits (B, C)``, ``acts (B, D)`` and, when the
+        detector squeezes, ``squeezed (B, S, C)``, and the activations to score (on the GPU path a
+        checked CuPy view of a GPU tensor); raises :class:`FingerprintError` naming the problem if the
+        request is malformed. Activations are validated per request on both paths, so one bad request
+        fails alone. An image predicted as a class the bank cannot check is no error: it is answered
+        unchecked."""
         if isinstance(acts, np.ndarray) or self.gpu is None:
             check_activations(acts, self.bank.num_neurons)
         else:
@@ -163,12 +165,21 @@ class ServedDetector:
             raise FingerprintError(f"logits must have shape ({len(acts)}, {self.bank.num_classes}), got {logits.shape}")
         if not np.isfinite(logits).all():
             raise FingerprintError("logits hold NaN or infinite values")
+        if self.squeezers:
+            want = (len(logits), self.squeezers, self.bank.num_classes)
+            if squeezed is None or squeezed.shape != want:
+                raise FingerprintError(f"squeezed_logits must have shape {want}, got "
+                                       f"{None if squeezed is None else squeezed.shape}")
+            if not np.isfinite(squeezed).all():
+                raise FingerprintError("squeezed_logits hold NaN or infinite values")
         return logits.argmax(axis=1), acts
 
-    def detect(self, labels: np.ndarray, acts: list, logits: np.ndarray) -> tuple[Verdicts, float]:
+    def detect(self, labels: np.ndarray, acts: list, logits: np.ndarray,
+               squeezed: np.ndarray | None = None) -> tuple[Verdicts, float]:
         """Verdicts for a batch of requests that passed :meth:`check`, and the seconds spent drawing
-        and scoring. ``labels (B,)`` and ``logits (B, C)`` of all requests; ``acts`` their activations as
-        :meth:`check` returned them, one array per request."""
+        and scoring. ``labels (B,)``, ``logits (B, C)`` and ``squeezed (B, S, C)`` (if the detector
+        squeezes) of all requests; ``acts`` their activations as :meth:`check` returned them, one array
+        per request."""
         start = time.perf_counter()
         if len(acts) == 1:
             batch = acts[0]
@@ -177,5 +188,6 @@ class ServedDetector:
         else:
             with self.gpu.device:
                 batch = self.gpu.cp.concatenate([self.gpu.cp.asarray(a) for a in acts])
-        verdicts = self.detector.detect(Observations(labels, acts=batch, logits=logits, validated=True), rng=self.rng)
+        verdicts = self.detector.detect(Observations(labels, acts=batch, logits=logits, squeezed_logits=squeezed,
+                                                     validated=True), rng=self.rng)
         return verdicts, time.perf_counter() - start

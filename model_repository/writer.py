@@ -7,11 +7,12 @@ One source of truth, two profiles:
 - ``gpu``: NVIDIA's Triton container; the classifier runs on the native ``onnxruntime`` backend on
   ``KIND_GPU`` and the detector takes GPU tensors through DLPack into the CUDA kernel.
 
-Tensor names are the ONNX graph's (``images``, ``logits``, ``activations``), so the detector and the
-ensemble configs are the same in both profiles. Models:
+Tensor names are the ONNX graph's (``images``, ``logits``, ``activations`` and, when the bank's detector
+has a feature-squeezing member, ``squeezed_logits``), so the detector and the ensemble configs are the
+same in both profiles. Models:
 
-- ``classifier``: images -> logits, activations;
-- ``fingerprint_detector``: logits, activations -> label, probabilities, score, is_attacked, checked
+- ``classifier``: images -> logits, activations (, squeezed_logits);
+- ``fingerprint_detector``: logits, activations (, squeezed_logits) -> label, probabilities, score, is_attacked, checked
   (and ``fingerprint_ids``, the request's draws, only in a repository written with ``audit``);
 - ``guarded_classifier`` (ensemble): images -> the same outputs;
 - ``guarded_classifier_fused`` (cpu profile, when ``ServingConfig.fused``): the same inputs and outputs
@@ -27,6 +28,7 @@ from pathlib import Path
 from kernels.bank import Bank
 from kernels.contract import Contract, default_contract, load_contract
 from kernels.errors import InvalidInputError
+from kernels.served import served_squeezers
 
 SOURCES = Path(__file__).resolve().parent  # the models' code, package data (see pyproject)
 ENSEMBLE, CLASSIFIER, DETECTOR, FUSED = "guarded_classifier", "classifier", "fingerprint_detector", "guarded_classifier_fused"
@@ -73,7 +75,8 @@ def _instances(kind: str, cfg: ServingConfig) -> str:
     return f"instance_group [ {{ count: {cfg.instances} kind: {kind} }} ]\n"
 
 
-DETECTION_OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids", "activations")
+DETECTION_OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids", "activations",
+                     "squeezed_logits")
 
 
 def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConfig,
@@ -96,6 +99,8 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
     logits_type = next(o["data_type"] for o in contract.outputs if o["name"] == contract.logits)
     model_outputs = [_tensor(o["name"], o["data_type"], o["dims"]) for o in contract.outputs]
     acts = _tensor("activations", "TYPE_FP32", [d])
+    squeezers = len(served_squeezers(bank))  # feature squeezing: the logits of each squeezed copy
+    evidence = [acts] + [_tensor("squeezed_logits", "TYPE_FP32", [squeezers, c])] * bool(squeezers)
     results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
                _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
                _tensor("checked", "TYPE_BOOL", [1])] + [_tensor("fingerprint_ids", "TYPE_INT64", [m])] * cfg.audit
@@ -105,29 +110,31 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
                  + f'parameters {{ key: "logits_output" value: {{ string_value: "{contract.logits}" }} }}\n')
     if profile == "cpu":
         classifier = (head(CLASSIFIER, 'backend: "python"') + _io("input", [images])
-                      + _io("output", model_outputs + [acts]) + _batching(cfg) + _instances("KIND_CPU", cfg) + interface)
+                      + _io("output", model_outputs + evidence) + _batching(cfg) + _instances("KIND_CPU", cfg)
+                      + interface)
     else:
         classifier = (head(CLASSIFIER, 'backend: "onnxruntime"\ndefault_model_filename: "model.onnx"')
-                      + _io("input", [images]) + _io("output", model_outputs + [acts]) + _batching(cfg)
+                      + _io("input", [images]) + _io("output", model_outputs + evidence) + _batching(cfg)
                       + _instances("KIND_GPU", cfg))
     detection = (f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
                  + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n'
                  + f'parameters {{ key: "audit" value: {{ string_value: "{str(cfg.audit).lower()}" }} }}\n')
-    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [_tensor("logits", logits_type, [c]), acts])
+    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [_tensor("logits", logits_type, [c]), *evidence])
                 + _io("output", results) + _batching(cfg)
                 + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
     names = ["label", "probabilities", "score", "is_attacked", "checked"] + ["fingerprint_ids"] * cfg.audit
+    evidence_names = ["activations"] + ["squeezed_logits"] * bool(squeezers)
     ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + interface + _io("input", [images]) + _io("output", guarded)
                 + "ensemble_scheduling {\n  step [\n"
                 + f'    {{ model_name: "{CLASSIFIER}" model_version: -1\n'
                 + f'      input_map {{ key: "{contract.input_name}" value: "{contract.input_name}" }}\n'
                 + "".join(f'      output_map {{ key: "{o["name"]}" value: "{o["name"]}" }}\n' for o in contract.outputs)
-                + '      output_map { key: "activations" value: "activations" } },\n'
+                + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in evidence_names)[:-1] + " },\n"
                 + f'    {{ model_name: "{DETECTOR}" model_version: -1\n'
                 + f'      input_map {{ key: "logits" value: "{contract.logits}" }}\n'
-                + '      input_map { key: "activations" value: "activations" }\n'
+                + "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n in evidence_names)
                 + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in names) + "    }\n  ]\n}\n")
     configs = {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
     if cfg.fused:

@@ -11,11 +11,13 @@ a set of counts). :class:`ExpectedDetector`, the attacker's copy of the served d
 
 - :meth:`~ExpectedDetector.pass_probability`: the exact probability that one request of an input is
   misclassified and not flagged (binomial for a randomized vote, a normal approximation for a
-  randomized likelihood ratio, deterministic for the margin and static members), computed with the
-  detector's own arithmetic;
+  randomized likelihood ratio, deterministic for the margin, feature squeezing and static members),
+  computed with the detector's own arithmetic;
 - :meth:`~ExpectedDetector.forward`: a differentiable surrogate per member, the expected standardized
   score with the vote sigmoid-smoothed at a temperature (in z-units), its draw-to-draw spread, and
-  :attr:`~ExpectedDetector.thresholds`, the score where that member starts to pass.
+  :attr:`~ExpectedDetector.thresholds`, the score where that member starts to pass. Feature squeezing
+  is differentiated through its squeezers by BPDA (Athalye et al., 2018: rounding passes the gradient
+  straight through; :mod:`export.models.squeezing`), as He et al. (2017) broke it.
 
 :func:`adaptive_attack` is the attacker (issue 23's "strong attacker", after an independent one that
 let 99.9% of images through the default at eps 0.3): L-inf PGD (Madry et al., 2018: random start,
@@ -43,6 +45,7 @@ from kernels.baselines import LogitMargin
 from kernels.detector import Detector, FingerprintDetector, PValueFusion, clean_log_p_value
 from kernels.errors import InvalidInputError
 from kernels.scoring import log_likelihood_ratio
+from kernels.squeezing import FeatureSqueezing
 
 MIN_SPREAD = 0.05  # the slack's unit for a member whose score does not vary over draws
 UNCHECKED_SCORE = 1e6  # the raw score of a class the detector cannot check: far above every threshold
@@ -73,8 +76,8 @@ def member_thresholds(fusion: PValueFusion, fpr: float) -> dict[str, float]:
 
 
 class ExpectedDetector(nn.Module):
-    """The attacker's copy of a calibrated detector: a min-p :class:`PValueFusion` of fingerprint and
-    logit-margin members, or one such member alone.
+    """The attacker's copy of a calibrated detector: a min-p :class:`PValueFusion` of fingerprint,
+    logit-margin and feature-squeezing members, or one such member alone.
 
     :meth:`forward` gives, per input and member, the expected standardized score over the detector's
     random draws (exact, or for the vote sigmoid-smoothed with a ``temperature``) and its standard
@@ -98,6 +101,8 @@ class ExpectedDetector(nn.Module):
             [np.full(num_classes, per_member[n]) if per_member else m.threshold(fpr, labels)
              for n, m in zip(self.names, self.members)], axis=1), dtype=torch.float32)
         self.banks, self.count_passes = [], []
+        squeezing = [m for m in self.members if isinstance(m, FeatureSqueezing)]
+        self.squeezers = squeezing[0].squeezers if squeezing else ()  # the copies the wrapped model must return
         for i, m in enumerate(self.members):
             table = None
             if isinstance(m, FingerprintDetector):
@@ -108,7 +113,7 @@ class ExpectedDetector(nn.Module):
                     counts = np.arange(m.draws.m + 1, dtype=np.float64) / m.draws.m
                     table = np.stack([self._passes(i, m.calibration.standardize(counts, m.class_labels(
                         np.full(len(counts), c))), np.full(len(counts), c)) for c in labels])
-            elif isinstance(m, LogitMargin):
+            elif isinstance(m, (LogitMargin, FeatureSqueezing)):
                 self.banks.append(None)
             else:
                 raise InvalidInputError(f"the attacker's copy has no differentiable form of the {m.name} detector")
@@ -133,13 +138,13 @@ class ExpectedDetector(nn.Module):
         fused = cal.standardize(clean_log_p_value(z, self.fusion.references[self.names[i]]), zero)
         return ~(fused < cal.threshold(self.fpr, zero))
 
-    def forward(self, logits: torch.Tensor, acts: torch.Tensor, labels: torch.Tensor, temperature: float = 0.0
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, logits: torch.Tensor, acts: torch.Tensor, labels: torch.Tensor, temperature: float = 0.0,
+                squeezed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z (B, M), spread (B, M))`` for inputs predicted as ``labels``; with ``temperature > 0`` the
         vote counts each fingerprint by ``sigmoid(d / temperature)`` (``d``: how much closer, in z-units,
         its value lies to its clean Gaussian than to its attacked one) instead of ``d > 0``, so that it
-        has a gradient."""
-        raws, spreads = self._raw(logits, acts, labels, temperature)
+        has a gradient. ``squeezed (B, S, C)``: the logits of the squeezed copies, for a squeezing member."""
+        raws, spreads = self._raw(logits, acts, labels, temperature, squeezed)
         zs, out = [], []
         for member, raw, spread in zip(self.members, raws, spreads):
             cal = member.calibration
@@ -150,10 +155,16 @@ class ExpectedDetector(nn.Module):
             out.append(spread / std)
         return torch.stack(zs, 1), torch.stack(out, 1)
 
-    def _raw(self, logits, acts, labels, temperature):
+    def _raw(self, logits, acts, labels, temperature, squeezed=None):
         raws, spreads = [], []
         for member, tensors in zip(self.members, self.banks):
-            if tensors is None:
+            if isinstance(member, FeatureSqueezing):
+                if squeezed is None:
+                    raise InvalidInputError("the copy of a feature-squeezing detector needs the squeezed copies' logits")
+                p = torch.softmax(logits.double(), 1)[:, None, :]
+                raws.append(-(p - torch.softmax(squeezed.double(), 2)).abs().sum(2).max(1).values)
+                spreads.append(torch.zeros(len(logits)))
+            elif tensors is None:
                 top2 = logits.topk(2, dim=1).values
                 raws.append(top2[:, 0] - top2[:, 1])
                 spreads.append(torch.zeros(len(logits)))
@@ -195,7 +206,8 @@ class ExpectedDetector(nn.Module):
         return self.thresholds[labels if len(self.thresholds) > 1 else torch.zeros_like(labels)]
 
     @torch.no_grad()
-    def judge(self, logits: torch.Tensor, acts: torch.Tensor, true: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def judge(self, logits: torch.Tensor, acts: torch.Tensor, true: torch.Tensor,
+              squeezed: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(pass_probability (B,), slack (B,))``: the exact probability that one request of each input
         is misclassified and not flagged (0 where correctly classified), and the smallest member slack
         ``(E[z] - threshold) / spread`` (a tie-break among inputs that pass for sure: the larger, the
@@ -204,7 +216,7 @@ class ExpectedDetector(nn.Module):
         from scipy.stats import binom
 
         labels = logits.argmax(1)
-        raws, spreads = self._raw(logits, acts, labels, 0.0)
+        raws, spreads = self._raw(logits, acts, labels, 0.0, squeezed)
         lab = labels.numpy()
         prob = (lab != true.numpy()).astype(np.float64)
         slack = np.full(len(lab), np.inf)
@@ -227,10 +239,11 @@ class ExpectedDetector(nn.Module):
             prob *= np.where(unchecked, 1.0, p_member)
         return prob, np.where(lab != true.numpy(), slack, -np.inf)
 
-    def pass_probability(self, logits: torch.Tensor, acts: torch.Tensor, true: torch.Tensor) -> np.ndarray:
+    def pass_probability(self, logits: torch.Tensor, acts: torch.Tensor, true: torch.Tensor,
+                         squeezed: torch.Tensor | None = None) -> np.ndarray:
         """``(B,)`` the exact probability that one request of each input gets through: misclassified and
         not flagged (:meth:`judge`)."""
-        return self.judge(logits, acts, true)[0]
+        return self.judge(logits, acts, true, squeezed)[0]
 
 
 @dataclass(frozen=True)
@@ -337,7 +350,7 @@ def adaptive_attack(model: nn.Module, layout: ActivationLayout, copy: ExpectedDe
     probability is still below ``cfg.goal``. Every iterate is judged by its exact pass probability;
     per image the best one is kept (ties: the larger slack).
     """
-    wrapped = ClassifierWithActivations(model, layout).eval()
+    wrapped = ClassifierWithActivations(model, layout, copy.squeezers).eval()
     x_all = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     y_all = torch.from_numpy(np.asarray(y, np.int64))
     n = len(x_all)
@@ -385,8 +398,9 @@ def _run(wrapped, copy, x0, true, rows, run: Run, cfg, kept):
     aim = None if target is None else torch.full((len(x0),), target, dtype=torch.long)
     for done in range(cfg.steps + 1):
         adv.requires_grad_(True)
-        logits, acts = wrapped(adv)
-        p, slack = copy.judge(logits.detach(), acts.detach(), true)
+        logits, acts, *squeezed = wrapped(adv)
+        squeezed = squeezed[0] if squeezed else None
+        p, slack = copy.judge(logits.detach(), acts.detach(), true, None if squeezed is None else squeezed.detach())
         better = (p > best_p[rows]) | ((p == best_p[rows]) & (slack > best_slack[rows]))
         if better.any():
             at = rows[better]
@@ -402,7 +416,7 @@ def _run(wrapped, copy, x0, true, rows, run: Run, cfg, kept):
             fooled = logits.argmax(1).detach() == aim
         objective = objective.clamp(max=cfg.kappa)
         if weight and fooled.any():  # the detector only matters once the classifier is fooled
-            z, spread = copy(logits, acts, labels, temperature)
+            z, spread = copy(logits, acts, labels, temperature, squeezed)
             hinge = (copy.threshold(labels) + cfg.spread * spread - z).clamp(min=0).sum(1)
             objective = objective - weight * torch.where(fooled, hinge, torch.zeros_like(hinge))
         (grad,) = torch.autograd.grad(objective.sum(), adv)

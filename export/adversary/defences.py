@@ -6,6 +6,8 @@ detector (the fingerprints' vote and the logit margin, :func:`export.bank.calibr
 calibrated on the clean calibration split; they differ in how the server's bank is built:
 
 - ``default``: the workspace's bank; the attacker has it (the paper's threat model, Sec. 5).
+- ``no-squeeze``: the same without its feature-squeezing member (Xu et al., 2018), the default before
+  2026-12-07: what squeezing adds against this attacker.
 - ``secret``: the server searches its bank with a secret seed; the attacker has the model, the code and
   the data, so searches banks of its own with other seeds and attacks those (issue 14, item 1).
   ``k5`` and ``secret-k5`` repeat both with the paper's 5-neuron fingerprints, where the seed decides
@@ -30,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from export.bank.calibrate import default_fusion
+from export.bank.calibrate import default_fusion, workspace_squeezing
 from export.bank.search import bank_overlap
 from export.data.artifacts import bank_dir, load_activation_set, load_prepared
 from export.data.workspace import Workspace
@@ -47,6 +49,7 @@ from kernels.detector import (
 from kernels.served import served_detector
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
+from kernels.squeezing import FeatureSqueezing, observed
 
 MAX_CORRELATION = 0.5
 SECRET_SEED, ATTACKER_SEED = 7_919, 104_729  # the server's seed stands for one nobody else knows
@@ -65,23 +68,25 @@ class Defence:
 @dataclass
 class FitData:
     """What the workspace holds to build a bank: the fit split's clean and attacked activations, the
-    calibration split's clean observations, and the bank's metadata."""
+    calibration split's clean observations, the bank's metadata, and the served default's feature
+    squeezing on the workspace's classifier (``None`` for an imported model)."""
 
     clean: Observations
     attacked: Observations
     calibration: Observations
     num_classes: int
     meta: dict[str, Any]
+    squeeze: FeatureSqueezing | None = None
 
     @classmethod
     def load(cls, ws: Workspace) -> "FitData":
-        _, _, prepared = load_prepared(ws)
+        ds, _, prepared = load_prepared(ws)
         (c, cm), (a, am) = load_activation_set(ws, "fit_clean", False), load_activation_set(ws, "fit_attacked", False)
         cal, cal_meta = load_activation_set(ws, "calibration", False)
         meta = {k: v for k, v in Bank.load(bank_dir(ws)).meta.items() if k not in ("calibration", "search_results")}
         return cls(Observations(cm["label"], acts=c), Observations(am["label"], acts=a),
-                   Observations(cal_meta["predicted"], acts=cal, logits=cal_meta["logits"]),
-                   len(prepared["class_names"]), meta)
+                   Observations(cal_meta["predicted"], acts=cal, logits=cal_meta["logits"], images=ds.x[cal_meta["source"]]),
+                   len(prepared["class_names"]), meta, workspace_squeezing(ws))
 
     def search(self, config: SearchConfig, extra_attacked: Observations | None = None) -> Bank:
         """The bank searched on the fit split (and ``extra_attacked`` rows)."""
@@ -91,7 +96,8 @@ class FitData:
         return detector.bank
 
     def fused(self, bank: Bank, m: int, fpr: float, seed: int) -> Detector:
-        detector = default_fusion(bank, m)
+        detector = default_fusion(bank, m, self.squeeze)
+        self.calibration = observed(detector, self.calibration)
         detector.calibrate(self.calibration, (fpr,), DEFAULT_CALIBRATION_REPEATS, seed)
         return detector
 
@@ -177,6 +183,7 @@ def harden_bank(ws: Workspace, hardening: Hardening, fpr: float = 0.01, seed: in
 
 DEFENCES: dict[str, str] = {
     "default": "the workspace's bank, known to the attacker",
+    "no-squeeze": "the default without its feature-squeezing member (the default until 2026-12-07)",
     "secret": "bank searched with a secret seed; the attacker attacks its own bank",
     "k5": "the paper's 5-neuron fingerprints, known to the attacker",
     "secret-k5": "5-neuron fingerprints searched with a secret seed; the attacker attacks its own",
@@ -214,9 +221,14 @@ def build(ws: Workspace, name: str, fpr: float, seed: int, hardening: Hardening 
     data = FitData.load(ws)
     base = SearchConfig(**stored.meta["search"])
     fused: Callable[[Bank], Detector] = lambda bank: data.fused(bank, m, fpr, seed)  # noqa: E731
+    if name == "no-squeeze":
+        detector = replace(data, squeeze=None).fused(stored, m, fpr, seed)
+        return Defence(name, detector, detector)
     if name == "default":
         stored_fprs = stored.meta.get("calibration", {}).get("fused", {}).get("thresholds", {})
-        detector = served_detector(stored, fpr) if any(float(f) == fpr for f in stored_fprs) else fused(stored)
+        logits_of = data.squeeze.logits_of if data.squeeze is not None else None
+        detector = (served_detector(stored, fpr, logits_of=logits_of) if any(float(f) == fpr for f in stored_fprs)
+                    else fused(stored))
         return Defence(name, detector, detector)
     if name in ("secret", "secret-k5", "k5"):
         k5 = replace(base, k=(5,), keep=1000) if "k5" in name else base

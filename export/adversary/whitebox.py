@@ -35,6 +35,7 @@ from export.evaluation.report import wilson
 from kernels.bank import Bank
 from kernels.detector import Detector, Observations, Verdicts
 from kernels.errors import FingerprintError, ModelMismatchError
+from kernels.squeezing import observed
 
 
 class ServedOverGrpc(Detector):
@@ -119,7 +120,7 @@ def bootstrap_mean(values: np.ndarray, seed: int, resamples: int = 2000) -> tupl
 def request_evasion(server: Detector, obs: Observations, true_labels: np.ndarray, draws: int,
                     rng: np.random.Generator) -> np.ndarray:
     """``(N,)`` per image, the share of ``draws`` requests in which it is misclassified and not flagged."""
-    wrong = obs.labels != true_labels
+    wrong, obs = obs.labels != true_labels, observed(server, obs)
     passed = np.mean([~server.detect(obs, rng=rng).is_attacked for _ in range(draws)], axis=0)
     return wrong * passed
 

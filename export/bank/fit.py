@@ -7,7 +7,7 @@ with files in between; this is the short way for your own model::
 
     detector, layout = fit_detector(model, images, labels, calibration_images)
     acts, _, logits = capture_activations(model, new_images, layout.layers, return_logits=True)
-    verdicts = detector.detect(Observations(logits.argmax(1), acts=acts, logits=logits))
+    verdicts = detector.detect(Observations(logits.argmax(1), acts=acts, logits=logits, images=new_images))
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from kernels.detector import (
 )
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
+from kernels.squeezing import FeatureSqueezing, default_squeezers
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class FitConfig:
 def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calibration_images: np.ndarray,
                  cfg: FitConfig = FitConfig(), progress: bool = False) -> tuple[PValueFusion, ActivationLayout]:
     """Attack, capture, search and calibrate: the served default for ``model``, randomized fingerprints
-    (their vote) fused with the logit margin (:func:`export.bank.calibrate.default_fusion`), calibrated.
+    (their vote) fused with the logit margin and feature squeezing (:func:`export.bank.calibrate.default_fusion`),
+    calibrated.
 
     Args:
         model: an ``nn.Module`` mapping ``(B, C, H, W)`` images in [0, 1] to logits.
@@ -69,7 +71,8 @@ def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calib
         cfg: the rest (:class:`FitConfig`).
 
     Returns the detector (its ``members["vote"].bank`` is the bank) and the activation layout to capture
-    new inputs with; it reads ``Observations.acts`` and ``.logits``.
+    new inputs with; it reads ``Observations.acts``, ``.logits`` and ``.images`` (squeezed and classified
+    again by ``model``).
     """
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int64)
     num_classes = int(predict(model, images[:1]).shape[1])
@@ -89,6 +92,8 @@ def fit_detector(model: nn.Module, images: np.ndarray, labels: np.ndarray, calib
         num_classes, {"layout": layout.to_json(), "search": cfg.search.to_json()}, progress).bank
     cal_acts, _, cal_logits = capture_activations(model, calibration_images, layout.layers, progress=progress,
                                                   return_logits=True)
-    detector = default_fusion(bank, cfg.m)
-    detector.calibrate(Observations(cal_logits.argmax(1), acts=cal_acts, logits=cal_logits), cfg.fprs, cfg.repeats, cfg.seed)
+    squeeze = FeatureSqueezing(lambda x: predict(model, x), default_squeezers(images.shape[1]))
+    detector = default_fusion(bank, cfg.m, squeeze)
+    detector.calibrate(Observations(cal_logits.argmax(1), acts=cal_acts, logits=cal_logits, images=calibration_images),
+                       cfg.fprs, cfg.repeats, cfg.seed)
     return detector, layout

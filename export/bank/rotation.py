@@ -29,6 +29,7 @@ from export.bank.search import searched_bank
 from export.data.workspace import Workspace
 from kernels.bank import Bank
 from kernels.errors import InvalidInputError
+from kernels.served import served_squeezers
 from kernels.fingerprint_search import SearchConfig
 from model_repository.writer import DETECTOR, FUSED, add_bank_version
 
@@ -44,7 +45,7 @@ def fresh_bank(ws: Workspace, seed: int | None = None, progress: bool = True) ->
     bank = searched_bank(ws, config, progress)
     cal = stages["calibrate"]["args"]
     bank, _ = calibrated_bank(ws, bank, cal["m"], cal["fprs"], cal["seed"], cal["repeats"], progress,
-                              cal.get("confidence"))
+                              cal.get("confidence"), squeeze=bool(served_squeezers(current)))  # the served graph's
     search = {**bank.meta["search"], "seed": "secret" if seed is None else seed}
     return bank.with_meta(search=search, model_sha256=current.meta["model_sha256"], onnx=current.meta["onnx"])
 

@@ -27,6 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="make the realized clean FPR stay at or below each nominal rate with this probability "
                         "over calibration draws (e.g. 0.95; costs detection; needs more calibration images, see "
                         "the README), instead of only the expected FPR (default: expected FPR <= nominal)")
+    p.add_argument("--no-squeeze", action="store_true",
+                   help="leave feature squeezing out of the served fusion (the vote and the logit margin only: "
+                        "one forward pass per input instead of three; catches far less CW-L2, see the README)")
 
 
 OPTIONS = (add_out, add_quiet, add_arguments,)
@@ -42,10 +45,11 @@ class Config(CommandConfig):
     calibration_seed: int
     calibration_repeats: int
     confidence: float | None
+    no_squeeze: bool = False
 
 
 def run(cfg: Config, ws, progress: bool) -> dict:
     from export.pipeline import stages as pipeline
 
     return pipeline.calibrate(ws, cfg.m, cfg.fprs, cfg.calibration_seed, cfg.calibration_repeats, progress,
-                              cfg.confidence)
+                              cfg.confidence, squeeze=not cfg.no_squeeze)

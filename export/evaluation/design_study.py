@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from export.models.activations import ActivationLayout
+from export.bank.calibrate import workspace_squeezing
 from export.evaluation.report import UNCHECKED_Z
 from export.data.artifacts import load_activation_set, load_prepared
 from export.data.workspace import Workspace
@@ -39,6 +40,7 @@ from kernels.detector import (
     RandomDraws,
 )
 from kernels.fingerprint_search import ClassFingerprints, SearchConfig, search_fingerprints
+from kernels.squeezing import observed
 
 FPR = 0.01
 
@@ -102,6 +104,10 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
         "Fisher(fingerprints k=1 vote, margin)": fuse("fisher", vote=fingerprints(method="vote"), margin=LogitMargin),
         "min-p(decorrelated fingerprints |r|<=0.5 vote, margin)": fuse(
             vote=fingerprints(method="vote", max_correlation=0.5), margin=LogitMargin),
+        "min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
+            vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=lambda: workspace_squeezing(ws)),
+        "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"),
+                                                                squeeze=lambda: workspace_squeezing(ws)),
         "min-p(fingerprints k=1 vote, margin, Mahalanobis)": fuse(vote=fingerprints(method="vote"),
                                                                   margin=LogitMargin, mahalanobis=mahalanobis),
         "min-p(fingerprints k=1 LRT, margin)": fuse(lrt=fingerprints(), margin=LogitMargin),
@@ -121,6 +127,7 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
         "baseline: max softmax": MaxSoftmax,
         "baseline: Mahalanobis (last layer)": mahalanobis,
         "baseline: gray pixels": GrayPixels,
+        "baseline: feature squeezing (Xu et al. 2018)": lambda: workspace_squeezing(ws),
     }
 
 
@@ -170,13 +177,14 @@ def measure(detector: Detector, sets: dict[str, Observations], attacks: dict[str
             seed: int) -> dict[str, Any]:
     """Calibrate ``detector`` at :data:`FPR` on the calibration split; its realized FPR on the test split
     and TPR and AUC on each attack (unchecked rows count as misses)."""
+    sets = {k: observed(detector, v) for k, v in sets.items()}
     detector.calibrate(sets["calibration"], (FPR,), DEFAULT_CALIBRATION_REPEATS, seed=0)
     rng = np.random.default_rng(seed)
     clean = detector.detect(sets["test"], rng=rng)
     cz = np.where(clean.checked, clean.score, UNCHECKED_Z)
     row: dict[str, Any] = {"clean_fpr": float(clean.is_attacked.mean()), "unchecked_clean": int((~clean.checked).sum())}
     for label, obs in attacks.items():
-        v = detector.detect(obs, rng=rng)
+        v = detector.detect(observed(detector, obs), rng=rng)
         az = np.where(v.checked, v.score, UNCHECKED_Z)
         row[label] = {"tpr": float(v.is_attacked.mean()),
                       "auc": float(roc_auc_score(np.r_[np.zeros(len(cz)), np.ones(len(az))], -np.r_[cz, az]))}

@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from export.data.artifacts import load_activation_set
+from export.data.artifacts import load_activation_set, load_prepared
 from export.data.workspace import Workspace
 from export.models.activations import ActivationLayout
+from export.models.classifier import load_classifier, predict
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels, LogitMargin, Mahalanobis, MaxSoftmax
 from kernels.detector import Detector, FingerprintDetector, Observations
 from kernels.served import served_detector
+from kernels.squeezing import FeatureSqueezing, default_squeezers, observed
 
 UNCHECKED_Z = 1e300  # standardized score of a row the detector cannot check: above every threshold and score
 
@@ -54,7 +56,7 @@ def clean_false_positives(detector: Detector, clean: Observations, seed: int, dr
     """The realized clean false-positive rate at every calibrated rate, beside the nominal and the
     guarantee of the calibration: on one fresh draw per image (with its 95% Wilson interval, what one
     request sees) and averaged over ``draws`` independent draws (a randomized detector's expected rate)."""
-    cal = detector.calibration
+    cal, clean = detector.calibration, observed(detector, clean)
     out = {}
     for f in sorted(cal.thresholds):
         rng = np.random.default_rng([seed, 24])
@@ -93,6 +95,7 @@ def evaluate_attack(detectors: dict[str, Detector], clean: Observations, attacke
     lowest. Returns the figures and the ROC curves ``{name: (fpr, tpr)}`` for plotting.
     """
     primary_name, primary = next(iter(detectors.items()))
+    clean, attacked = observed(primary, clean), observed(primary, attacked)
     fprs = sorted(primary.calibration.thresholds)
     f0 = fprs[0]
     rng = np.random.default_rng(seed)
@@ -187,18 +190,24 @@ def plot_roc(curves: dict[str, dict], path: Path, operating_fpr: float = 0.01) -
 def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -> tuple[dict[str, Detector], int]:
     """The served detector (the fusion), its members alone, and the baselines side by side, each
     calibrated on the clean calibration split at the served detector's rates; and the draw size."""
-    served = served_detector(bank)
+    model = load_classifier(ws)
+    logits_of = lambda images: predict(model, images)  # noqa: E731
+    served = served_detector(bank, logits_of=logits_of)
     fprs = sorted(served.calibration.thresholds)
     detectors: dict[str, Detector] = {"fused": served, **getattr(served, "members", {})}
     detectors["lrt"] = FingerprintDetector.from_bank(bank, "lrt")  # the paper's score
     layout = ActivationLayout.from_json(bank.meta["layout"])
     fit_acts, fit_meta = load_activation_set(ws, "fit_clean", mmap=False)
     last = layout.slices[-1]  # the last captured layer: the logits for the built-in models
+    ds, _, _ = load_prepared(ws)
     baselines = {"msp": MaxSoftmax(), "gray_pixels": GrayPixels(),
                  "mahalanobis": Mahalanobis(slice(last.offset, last.offset + last.size)).fit(
                      Observations(fit_meta["label"], acts=fit_acts))}
     if "margin" not in detectors:
         baselines["margin"] = LogitMargin()
+    if "squeeze" not in detectors:  # Xu, Evans & Qi (2018), the paper's squeezers for these images
+        baselines["squeeze"] = FeatureSqueezing(logits_of, default_squeezers(ds.image_shape[0]))
+    calibration = observed(served, calibration)
     for name, baseline in baselines.items():
         baseline.calibrate(calibration, fprs)
         detectors[name] = baseline

@@ -28,7 +28,7 @@ def shift_table(out: Path, fpr: float = 0.01, seed: int = 0) -> str:
     """The markdown table of :data:`SHIFTS` on the test split of ``out``."""
     from export.models.activations import ActivationLayout, capture_activations
     from export.data.artifacts import bank_dir, load_prepared
-    from export.models.classifier import load_classifier
+    from export.models.classifier import load_classifier, predict
     from export.data.workspace import Workspace
     from kernels.bank import Bank
     from kernels.detector import Observations
@@ -38,7 +38,7 @@ def shift_table(out: Path, fpr: float = 0.01, seed: int = 0) -> str:
     ws = Workspace(out)
     ds, splits, _ = load_prepared(ws)
     model, bank = load_classifier(ws), Bank.load(bank_dir(ws))
-    detector = served_detector(bank, fpr)
+    detector = served_detector(bank, fpr, logits_of=lambda images: predict(model, images))
     reference, layers = detector.calibration.reference, ActivationLayout.from_json(bank.meta["layout"]).layers
     x, y = ds.x[splits.test], ds.y[splits.test]
     rng = np.random.default_rng(seed)
@@ -47,7 +47,8 @@ def shift_table(out: Path, fpr: float = 0.01, seed: int = 0) -> str:
     for name, shift in SHIFTS.items():
         shifted = np.clip(shift(x, rng), 0, 1).astype(np.float32)
         acts, _, logits = capture_activations(model, shifted, layers, progress=False, return_logits=True)
-        v = detector.detect(Observations(logits.argmax(1), acts=acts, logits=logits), rng=np.random.default_rng(seed))
+        v = detector.detect(Observations(logits.argmax(1), acts=acts, logits=logits, images=shifted),
+                            rng=np.random.default_rng(seed))
         r = compare(reference, ScoreWindow.of_scores(v.score, v.is_attacked, np.array(reference["edges"])), detector.fpr)
         lines.append(f"| {name} | {(logits.argmax(1) == y).mean():.1%} | {r.flag_rate:.1%} | {r.flag_p_value:.2g} | "
                      f"{r.shift_p_value:.2g} | {'ALARM' if r.alarm else 'ok'} |")

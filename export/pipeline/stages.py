@@ -45,6 +45,7 @@ from kernels.bank import Bank
 from kernels.calibration import DEFAULT_FPRS
 from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M, Observations
 from kernels.errors import InvalidInputError, ModelMismatchError
+from kernels.served import served_squeezers
 from kernels.fingerprint_search import SearchConfig
 from kernels.scoring import covered
 
@@ -235,12 +236,13 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
-              confidence: float | None = None) -> dict[str, Any]:
+              confidence: float | None = None, squeeze: bool = True) -> dict[str, Any]:
     """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``."""
     started = time.time()
-    bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress, confidence)
+    bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress, confidence, squeeze)
     files = list(bank.save(bank_dir(ws)))
-    ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats, "confidence": confidence},
+    ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats, "confidence": confidence,
+                            "squeeze": squeeze},
               files, started, {"global_lrt_thresholds": summary.pop("global_lrt_thresholds")})
     return summary
 
@@ -339,7 +341,7 @@ def export_model(ws: Workspace, parity_count: int = 256, opset: int = 18) -> dic
     if (ws.root / USER_MODEL).is_file():  # an imported model: its own graph, one output added
         report = export_imported(load_classifier(ws), layout, ws.root / USER_MODEL, ws.root / "model.onnx", images)
     else:
-        report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", images, opset)
+        report = export_onnx(load_classifier(ws), layout, ws.root / "model.onnx", images, opset, served_squeezers(bank))
     bank = bank.with_meta(model_sha256=report.sha256, onnx=report.to_json())
     files = [ws.root / "model.onnx", *bank.save(bank_dir(ws)), write_reference(ws, ds.x[splits.test[:REFERENCE_COUNT]])]
     ws.record("export", {"parity_count": parity_count, "opset": opset}, files, started, report.to_json())

@@ -18,7 +18,7 @@ from kernels.onnx_runtime import ort_session
 from model_repository.server import ServerError, TritonServer
 from model_repository.signing import create_keys
 from model_repository.writer import ServingConfig, write_repository
-from tests.functional.replay import replayed_fused_score
+from tests.functional.replay import replayed_fused_score, served_outputs
 
 GUARDED = ("guarded_classifier", "guarded_classifier_fused")
 
@@ -151,12 +151,12 @@ def test_a_bank_rotated_under_load_is_served_without_a_failed_request(tiny_run, 
         old = Bank.load(out / "bank")
         assert new.meta["search"]["seed"] == 12345 and new.meta["model_sha256"] == old.meta["model_sha256"]
         x = mnist_subset[0][:30]
-        logits, acts = ort_session(out / "model.onnx").run(None, {"images": x})
+        logits, acts = served_outputs(out, x)
         for model in GUARDED:  # answers now come from the new bank: its statistics replay them
             with DetectorClient(server.grpc_url, model) as client:
                 answer = client.detect(x)
-            np.testing.assert_allclose(answer.score, replayed_fused_score(new, logits, acts, answer.fingerprint_ids),
-                                       rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(answer.score, replayed_fused_score(new, logits, acts, answer.fingerprint_ids,
+                                                                          out, x), rtol=1e-4, atol=1e-4)
         assert repo.joinpath("fingerprint_detector", "model.sig").is_file()
 
 

@@ -15,7 +15,7 @@ from kernels.onnx_runtime import ort_session
 from model_repository.server import ServerError, TritonServer
 from model_repository.signing import INSECURE_ENV, PUBLIC_KEY_ENV, create_keys
 from model_repository.writer import ServingConfig, write_repository
-from tests.functional.replay import replayed_fused_score
+from tests.functional.replay import replayed_fused_score, served_outputs
 
 GUARDED = ("guarded_classifier", "guarded_classifier_fused")  # the ensemble and its one-step equivalent
 FPR = 0.05
@@ -44,9 +44,10 @@ def test_served_results_equal_the_offline_pipeline_for_the_same_draws(served, mn
     out, _, client = served
     x = mnist_subset[0][:40]
     result = client.detect(x)
-    logits, acts = ort_session(out / "model.onnx").run(None, {"images": x})
+    logits, acts = served_outputs(out, x)
     bank = Bank.load(out / "bank")
-    z = replayed_fused_score(bank, logits, acts, result.fingerprint_ids)
+    assert bank.meta["calibration"]["fused"]["members"] == ["vote", "margin", "squeeze"]  # the default
+    z = replayed_fused_score(bank, logits, acts, result.fingerprint_ids, out, x)
     labels = logits.argmax(1)
     fused = Calibration.from_json(bank.meta["calibration"]["fused"])
     one_class = np.zeros(len(x), np.int64)
@@ -391,6 +392,36 @@ def test_the_classifier_returns_only_the_outputs_asked_for(server, mnist_subset)
     assert logits_only.as_numpy("activations") is None and logits_only.as_numpy("logits").shape == (2, 10)
     np.testing.assert_array_equal(everything.as_numpy("logits"), logits_only.as_numpy("logits"))
     assert everything.as_numpy("activations").shape[0] == 2
+
+
+def test_the_detector_step_checks_the_squeezed_copies_logits_and_keeps_serving(server, mnist_subset):
+    """The ensemble's second step also takes ``squeezed_logits`` (feature squeezing's evidence): a request
+    forging them with NaN gets an error naming them; a request with the classifier's own gets the answer
+    the ensemble gives."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    images = grpcclient.InferInput("images", [2, 1, 28, 28], "FP32")
+    images.set_data_from_numpy(mnist_subset[0][:2])
+    step1 = client.infer("classifier", [images])
+    evidence = {name: step1.as_numpy(name) for name in ("logits", "activations", "squeezed_logits")}
+    assert evidence["squeezed_logits"].shape == (2, 2, 10)
+
+    def ask(values):
+        inputs = []
+        for name, value in values.items():
+            inputs.append(grpcclient.InferInput(name, list(value.shape), "FP32"))
+            inputs[-1].set_data_from_numpy(value)
+        return client.infer("fingerprint_detector", inputs)
+
+    forged = dict(evidence, squeezed_logits=np.full_like(evidence["squeezed_logits"], np.nan))
+    with pytest.raises(InferenceServerException, match="squeezed_logits hold NaN"):
+        ask(forged)
+    answer = ask(evidence)
+    ensemble = client.infer("guarded_classifier", [images])
+    client.close()
+    np.testing.assert_array_equal(answer.as_numpy("label"), ensemble.as_numpy("label"))
 
 
 def test_benchmark_measures_every_model_side_by_side(tiny_run, tmp_path):

@@ -1,7 +1,8 @@
 """Triton Python-backend model: randomized neural-fingerprint detection (Fisher, Shahar & Resheff, 2024),
 the second step of the ``guarded_classifier`` ensemble.
 
-Inputs ``logits (num_classes,)`` and ``activations (D,)`` from the classifier step. For every input it
+Inputs ``logits (num_classes,)``, ``activations (D,)`` and, when the detector has a feature-squeezing
+member, ``squeezed_logits (S, num_classes)`` from the classifier step. For every input it
 draws its own ``m`` fingerprints from the bank of the predicted class (``model_repository.serving.ServedDetector``:
 draws read from the OS's CSPRNG, one gather-reduce; the CUDA kernel on ``KIND_GPU``, taking the activations through
 DLPack), and returns:
@@ -57,24 +58,28 @@ class TritonPythonModel:
 
     def _execute(self, requests):
         responses = [None] * len(requests)
-        logits, labels, acts, owners = [], [], [], []
+        logits, labels, acts, squeezed, owners = [], [], [], [], []
         for i, request in enumerate(requests):
             z = host_array(pb_utils.get_input_tensor_by_name(request, "logits")).astype(np.float32, copy=False)
             a = pb_utils.get_input_tensor_by_name(request, "activations")
             a = a.as_numpy() if self.detector.gpu is None or a.is_cpu() else a
+            s = pb_utils.get_input_tensor_by_name(request, "squeezed_logits") if self.detector.squeezers else None
+            s = None if s is None else host_array(s)
             try:
-                label, a = self.detector.check(z, a)
+                label, a = self.detector.check(z, a, s)
             except FingerprintError as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
             logits.append(z)
             labels.append(label)
             acts.append(a)
+            squeezed.append(s)
             owners.append((i, len(z)))
         if not owners:
             return responses
         labels, logits = np.concatenate(labels), np.concatenate(logits)
-        verdicts, kernel_s = self.detector.detect(labels, acts, logits)
+        squeezed = np.concatenate(squeezed) if self.detector.squeezers else None
+        verdicts, kernel_s = self.detector.detect(labels, acts, logits, squeezed)
         self.metrics.record(verdicts, labels, kernel_s)
         for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners], self.audit)):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])

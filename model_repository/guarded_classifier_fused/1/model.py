@@ -61,16 +61,18 @@ class TritonPythonModel:
                 owners.append((i, len(x)))
         if not owners:
             return responses
-        names = list(dict.fromkeys([self.logits, "activations", *self.originals]))
+        evidence = ["activations"] + ["squeezed_logits"] * bool(self.detector.squeezers)
+        names = list(dict.fromkeys([self.logits, *evidence, *self.originals]))
         outputs = dict(zip(names, self.session.run(names, {self.served.name: np.concatenate(images)})))
         logits, acts = outputs[self.logits].astype(np.float32, copy=False), outputs["activations"]
+        squeezed = outputs.get("squeezed_logits")
         rows, labels, answered = [], [], []
         start = 0
         for i, n in owners:
             s = slice(start, start + n)
             start += n
             try:
-                labels.append(self.detector.check(logits[s], acts[s])[0])
+                labels.append(self.detector.check(logits[s], acts[s], None if squeezed is None else squeezed[s])[0])
             except FingerprintError as e:
                 responses[i] = error(str(e))
                 continue
@@ -81,7 +83,8 @@ class TritonPythonModel:
         labels = np.concatenate(labels)
         if len(answered) < len(owners):
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
-        verdicts, kernel_s = self.detector.detect(labels, [acts], logits)
+            squeezed = None if squeezed is None else np.concatenate([squeezed[s] for s in rows])
+        verdicts, kernel_s = self.detector.detect(labels, [acts], logits, squeezed)
         self.metrics.record(verdicts, labels, kernel_s)
         for (i, _), s, out in zip(answered, rows, response_tensors(logits, labels, verdicts, [n for _, n in answered],
                                                                     self.audit)):
