@@ -69,7 +69,7 @@ def median_filter(x: np.ndarray, size: int) -> np.ndarray:
 
 
 MNIST_SQUEEZERS = (Squeezer("bits", 1), Squeezer("median", 2))  # Xu et al., 2018, Sec. 5 (MNIST)
-COLOR_SQUEEZERS = (Squeezer("bits", 5), Squeezer("median", 2))  # their CIFAR-10 and ImageNet pair, without non-local means
+COLOR_SQUEEZERS = (Squeezer("bits", 5), Squeezer("median", 2))  # their CIFAR-10/ImageNet pair, no non-local means
 
 
 def default_squeezers(channels: int) -> tuple[Squeezer, ...]:
@@ -96,8 +96,9 @@ class FeatureSqueezing(Detector):
 
     name = "squeeze"
 
-    def __init__(self, logits_of: Callable[[np.ndarray], np.ndarray] | None = None, squeezers: Sequence[Squeezer] = MNIST_SQUEEZERS,
-                 calibration: Calibration | None = None, fpr: float | None = None) -> None:
+    def __init__(self, logits_of: Callable[[np.ndarray], np.ndarray] | None = None,
+                 squeezers: Sequence[Squeezer] = MNIST_SQUEEZERS, calibration: Calibration | None = None,
+                 fpr: float | None = None) -> None:
         if not squeezers:
             raise InvalidInputError("feature squeezing needs at least one squeezer")
         self.logits_of, self.squeezers = logits_of, tuple(squeezers)

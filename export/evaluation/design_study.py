@@ -9,7 +9,8 @@ evaluation attack (TPR at the threshold, ROC AUC). Nothing is chosen on the test
   variants: single neurons (k = 1), mixed sizes, one bank per layer merged (layer-stratified
   candidates), per-class against one global threshold, other aggregations of the drawn fingerprints
   (vote, clean likelihood);
-- baselines: logit margin, maximum softmax probability, Mahalanobis on the last layer, gray pixels;
+- baselines: logit margin, maximum softmax probability, Mahalanobis on the last layer, gray pixels,
+  feature squeezing (Xu, Evans & Qi, 2018; not for an imported model, whose graph has no squeezed copies);
 - fusions of fingerprints and baselines by clean p-values (:class:`kernels.detector.PValueFusion`); the
   first of them is what ``nfp calibrate`` serves by default.
 
@@ -40,7 +41,7 @@ from kernels.detector import (
     RandomDraws,
 )
 from kernels.fingerprint_search import ClassFingerprints, SearchConfig, search_fingerprints
-from kernels.squeezing import observed
+from kernels.squeezing import FeatureSqueezing, observed
 
 FPR = 0.01
 
@@ -99,15 +100,22 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
     def fuse(rule="min", **members):
         return lambda: PValueFusion({k: make() for k, make in members.items()}, rule)
 
+    served_squeezing = workspace_squeezing(ws)  # None for an imported model: no squeezing designs
+    squeezing = {} if served_squeezing is None else {
+        "default: min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
+            vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=lambda: squeeze()),
+        "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"),
+                                                                squeeze=lambda: squeeze()),
+        "baseline: feature squeezing (Xu et al. 2018)": lambda: squeeze(),
+    }
+    squeeze = lambda: FeatureSqueezing(served_squeezing.logits_of, served_squeezing.squeezers)  # noqa: E731
     return {
-        "default: min-p(fingerprints k=1 vote, margin)": fuse(vote=fingerprints(method="vote"), margin=LogitMargin),
+        **{k: v for k, v in squeezing.items() if not k.startswith("baseline")},
+        "previous default: min-p(fingerprints k=1 vote, margin)": fuse(vote=fingerprints(method="vote"),
+                                                                        margin=LogitMargin),
         "Fisher(fingerprints k=1 vote, margin)": fuse("fisher", vote=fingerprints(method="vote"), margin=LogitMargin),
         "min-p(decorrelated fingerprints |r|<=0.5 vote, margin)": fuse(
             vote=fingerprints(method="vote", max_correlation=0.5), margin=LogitMargin),
-        "min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
-            vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=lambda: workspace_squeezing(ws)),
-        "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"),
-                                                                squeeze=lambda: workspace_squeezing(ws)),
         "min-p(fingerprints k=1 vote, margin, Mahalanobis)": fuse(vote=fingerprints(method="vote"),
                                                                   margin=LogitMargin, mahalanobis=mahalanobis),
         "min-p(fingerprints k=1 LRT, margin)": fuse(lrt=fingerprints(), margin=LogitMargin),
@@ -127,7 +135,7 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
         "baseline: max softmax": MaxSoftmax,
         "baseline: Mahalanobis (last layer)": mahalanobis,
         "baseline: gray pixels": GrayPixels,
-        "baseline: feature squeezing (Xu et al. 2018)": lambda: workspace_squeezing(ws),
+        **{k: v for k, v in squeezing.items() if k.startswith("baseline")},
     }
 
 

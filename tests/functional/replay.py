@@ -40,7 +40,9 @@ def replayed_fused_score(bank: Bank, logits: np.ndarray, acts: np.ndarray, ids: 
     members = {"vote": vote.standardize(offline.vote, one_class),
                "margin": margin.standardize(top2[:, 1] - top2[:, 0], one_class)}
     if "squeeze" in stored["fused"]["members"]:
-        softmax = lambda z: np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)  # noqa: E731
+        def softmax(z):
+            e = np.exp(z - z.max(1, keepdims=True))
+            return e / e.sum(1, keepdims=True)
         p = softmax(logits.astype(np.float64))
         distance = np.max([np.abs(p - softmax(served_outputs(out, copy)[0].astype(np.float64))).sum(1)
                            for copy in squeezed_copies(images, stored["squeeze"]["squeezers"])], axis=0)

@@ -29,7 +29,7 @@ def test_main_job_runs_every_stage_and_records_a_manifest(tiny_run):
     assert summary["eval"]["cw-l2"]["params"]["max_iter"] == 3
 
     bank = json.loads((out / "bank" / "bank.json").read_text())
-    assert bank["draws_per_input"] == 16 and set(bank["calibration"]) == {"lrt", "vote", "margin", "fused"}
+    assert bank["draws_per_input"] == 16 and set(bank["calibration"]) == {"lrt", "vote", "margin", "squeeze", "fused"}
     evaluation = json.loads((out / "report" / "evaluation.json").read_text())
     for name, row in evaluation["attacks"].items():  # every successful attack counts, checkable or not
         if "skipped" not in row:

@@ -97,3 +97,23 @@ def test_the_attacker_differentiates_through_the_squeezers_bpda():
     (grad,) = torch.autograd.grad(TorchSqueezer(Squeezer("median", 3))(x)[0, 0, 2, 2], x)
     assert grad.sum() == 1 and grad.abs().max() == 1
     assert x[grad != 0].item() == torch.median(x[0, 0, 1:4, 1:4]).item()
+
+
+def test_the_bit_depth_probe_flips_only_pixels_within_eps_of_the_rounding_point_once_each():
+    """The discrete check beside the gradient attacker: a greedy search over the 1-bit copy, checked on a linear
+    classifier where the best flips are known (those of the largest weights toward the wrong class)."""
+    import torch
+
+    from export.adversary.bit_depth_probe import greedy_flips
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.zeros(16), torch.linspace(-1, 1, 16)]))
+    x = torch.full((1, 1, 4, 4), 0.05)
+    x[0, 0, 3, 2:] = 0.35  # only these two pixels (weights 13/15 and 1 toward class 1) can cross 0.5 at eps 0.2
+    flipped, fooled = greedy_flips(model, x, torch.tensor([0]), 0.2)
+    changed = (flipped != torch.round(x)).flatten()
+    assert changed.nonzero().flatten().tolist() == [15] and fooled.tolist() == [True]  # one flip of the best pixel
+    flipped, fooled = greedy_flips(model, x, torch.tensor([0]), 0.1)  # nothing within 0.1 of 0.5
+    assert torch.equal(flipped, torch.round(x)) and fooled.tolist() == [False]
