@@ -40,10 +40,6 @@ class Squeezer:
         if self.kind not in ("bits", "median") or self.value < 1:
             raise InvalidInputError(f"a squeezer is ('bits', n >= 1) or ('median', n >= 1); got {self.kind!r}, {self.value}")
 
-    @property
-    def name(self) -> str:
-        return f"{self.kind}{self.value}"
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, np.float32)
         if x.ndim != 4:

@@ -41,15 +41,3 @@ class TorchSqueezer(nn.Module):
         # the element of rank n*n // 2 (ascending): the smallest of the n*n - n*n // 2 largest
         return torch.topk(windows, n * n - n * n // 2, dim=-1).values[..., -1]
 
-
-class SqueezedLogits(nn.Module):
-    """``images -> (B, S, classes)``: the classifier's logits on each squeezed copy, in one batch."""
-
-    def __init__(self, model: nn.Module, squeezers: tuple[Squeezer, ...]) -> None:
-        super().__init__()
-        self.model, self.squeezers = model, nn.ModuleList(TorchSqueezer(s) for s in squeezers)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        b = images.shape[0]
-        logits = self.model(torch.cat([s(images) for s in self.squeezers], dim=0))
-        return logits.reshape(len(self.squeezers), b, -1).transpose(0, 1)
