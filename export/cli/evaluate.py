@@ -33,5 +33,5 @@ def run(cfg: Config, ws, progress: bool) -> dict:
 
     table = pipeline.evaluate(ws, cfg.eval_seed, cfg.spread_draws, progress)["table"]
     return {"report": f"{ws.root}/report/evaluation.md, evaluation.json, roc.png",
-            "table": "Detection on the test split (fingerprint LRT beside the other scores and the gray-pixel "
-                     "baseline):\n\n" + table}
+            "table": "Detection on the test split (the served default beside its members, the paper's LRT and "
+                     "the baselines):\n\n" + table}

@@ -3,7 +3,8 @@
 Everything is measured on the test split, never on images used for the bank or the thresholds:
 for each attack, ROC AUC and TPR at the calibrated 1% / 2% / 5% thresholds (overall and per class),
 the clean false-positive rate actually observed at each threshold, and the same figures for a
-trivial input-statistics detector (:class:`kernels.baselines.GrayPixels`) scored side by side — on MNIST a strong L-inf attack is caught by that alone, so strong figures there prove little.
+trivial input-statistics detector (:class:`kernels.baselines.GrayPixels`), feature squeezing and the
+other baselines scored side by side — on MNIST a strong L-inf attack is caught by gray pixels alone.
 The paper's claim of "a large family of detectors with consistent performance" (Fisher, Shahar &
 Resheff, 2024) is measured as the spread of TPR at 1% FPR over many independent random draws.
 Every detector is asked through one contract (:mod:`kernels.detector`), so a new baseline or score is
@@ -131,7 +132,7 @@ def evaluate_attack(detectors: dict[str, Detector], clean: Observations, attacke
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    """One row per attack: the first detector's figures (the fingerprint LRT), then AUC and TPR at the
+    """One row per attack: the first detector's figures (the served default), then AUC and TPR at the
     lowest rate of every other detector (the other scores, the baselines). ``unchecked`` counts
     successful attacks predicted as a class the bank cannot check: they are counted as misses."""
     fprs = report["fprs"]
