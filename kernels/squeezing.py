@@ -68,6 +68,26 @@ MNIST_SQUEEZERS = (Squeezer("bits", 1), Squeezer("median", 2))  # Xu et al., 201
 COLOR_SQUEEZERS = (Squeezer("bits", 5), Squeezer("median", 2))  # their CIFAR-10/ImageNet pair, no non-local means
 
 
+MAX_ACCURACY_DROP = 0.01  # a squeezer that costs clean accuracy more than this flags clean images: left out
+
+
+def accuracy_preserving(logits_of: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
+                        squeezers: Sequence[Squeezer], max_drop: float = MAX_ACCURACY_DROP
+                        ) -> tuple[tuple[Squeezer, ...], dict[str, float]]:
+    """The squeezers that keep the classifier's accuracy on held-out clean ``images`` within ``max_drop``
+    of its accuracy on them unsqueezed (Xu et al. 2018 chose their squeezers by that criterion, Sec. 5), and
+    every accuracy measured (``{"none": a, "bits1": a1, ...}``). On MNIST-5k 1-bit depth and the 2x2
+    median cost 0.1-0.2 points; on Fashion-MNIST 16.7 and 2.6, and squeezing only diluted the fusion."""
+    labels = np.asarray(labels)
+    accuracy = {"none": float((np.asarray(logits_of(images)).argmax(1) == labels).mean())}
+    kept = []
+    for s in squeezers:
+        accuracy[f"{s.kind}{s.value}"] = float((np.asarray(logits_of(s(images))).argmax(1) == labels).mean())
+        if accuracy["none"] - accuracy[f"{s.kind}{s.value}"] <= max_drop:
+            kept.append(s)
+    return tuple(kept), accuracy
+
+
 def default_squeezers(channels: int) -> tuple[Squeezer, ...]:
     """The paper's squeezers for grey-level (MNIST's) or colour images (CIFAR-10's and ImageNet's)."""
     return MNIST_SQUEEZERS if channels == 1 else COLOR_SQUEEZERS

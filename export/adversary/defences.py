@@ -46,7 +46,7 @@ from kernels.detector import (
     Observations,
     RandomDraws,
 )
-from kernels.served import served_detector
+from kernels.served import served_detector, served_squeezers
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
 from kernels.squeezing import FeatureSqueezing, observed
@@ -83,10 +83,13 @@ class FitData:
         ds, _, prepared = load_prepared(ws)
         (c, cm), (a, am) = load_activation_set(ws, "fit_clean", False), load_activation_set(ws, "fit_attacked", False)
         cal, cal_meta = load_activation_set(ws, "calibration", False)
-        meta = {k: v for k, v in Bank.load(bank_dir(ws)).meta.items() if k not in ("calibration", "search_results")}
+        stored = Bank.load(bank_dir(ws))
+        meta = {k: v for k, v in stored.meta.items() if k not in ("calibration", "search_results")}
+        served = served_squeezers(stored)  # every defence squeezes as the served default does
         return cls(Observations(cm["label"], acts=c), Observations(am["label"], acts=a),
                    Observations(cal_meta["predicted"], acts=cal, logits=cal_meta["logits"], images=ds.x[cal_meta["source"]]),
-                   len(prepared["class_names"]), meta, workspace_squeezing(ws))
+                   len(prepared["class_names"]), meta,
+                   workspace_squeezing(ws, "on" if served else "off", served or None)[0])
 
     def search(self, config: SearchConfig, extra_attacked: Observations | None = None) -> Bank:
         """The bank searched on the fit split (and ``extra_attacked`` rows)."""

@@ -22,7 +22,8 @@ from kernels.detector import (
     PValueFusion,
     RandomDraws,
 )
-from kernels.squeezing import FeatureSqueezing, default_squeezers, observed
+from kernels.errors import InvalidInputError
+from kernels.squeezing import FeatureSqueezing, Squeezer, accuracy_preserving, default_squeezers, observed
 
 
 def default_fusion(bank: Bank, m: int, squeeze: FeatureSqueezing | None = None) -> PValueFusion:
@@ -33,19 +34,35 @@ def default_fusion(bank: Bank, m: int, squeeze: FeatureSqueezing | None = None) 
     return PValueFusion({**members, **({"squeeze": squeeze} if squeeze is not None else {})}, "min")
 
 
-def workspace_squeezing(ws: Workspace) -> FeatureSqueezing | None:
-    """Feature squeezing on the workspace's classifier with the paper's squeezers for its images, or
-    ``None`` for an imported ONNX model (the served graph of a user's model returns no squeezed copies)."""
-    if (ws.root / USER_MODEL).is_file():
-        return None
+SQUEEZE_MODES = ("auto", "on", "off")
+
+
+def workspace_squeezing(ws: Workspace, mode: str = "on", squeezers: tuple[Squeezer, ...] | None = None
+                        ) -> tuple[FeatureSqueezing | None, dict[str, Any]]:
+    """Feature squeezing on the workspace's classifier, and what decided it. ``mode`` ``"on"``: the
+    paper's squeezers for its images (or ``squeezers``); ``"auto"``: those of them that keep the
+    classifier's accuracy on the calibration split (:func:`kernels.squeezing.accuracy_preserving`), none
+    if no squeezer does; ``"off"``: none. Always none for an imported ONNX model (the served graph of a
+    user's model returns no squeezed copies)."""
+    if mode not in SQUEEZE_MODES:
+        raise InvalidInputError(f"squeeze mode must be one of {', '.join(SQUEEZE_MODES)}, got {mode!r}")
+    if mode == "off" or (ws.root / USER_MODEL).is_file():
+        return None, {"mode": mode, "squeezers": []}
     model = load_classifier(ws)
-    ds, _, _ = load_prepared(ws)
-    return FeatureSqueezing(lambda images: predict(model, images), default_squeezers(ds.image_shape[0]))
+    ds, splits, _ = load_prepared(ws)
+    logits_of = lambda images: predict(model, images)  # noqa: E731
+    chosen, info = squeezers or default_squeezers(ds.image_shape[0]), {"mode": mode}
+    if mode == "auto":
+        cal = splits.calibration
+        chosen, info["accuracy"] = accuracy_preserving(logits_of, ds.x[cal], ds.y[cal], chosen)
+    info["squeezers"] = [[s.kind, s.value] for s in chosen]
+    return (FeatureSqueezing(logits_of, chosen) if chosen else None), info
 
 
 def calibrated_bank(ws: Workspace, bank: Bank, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
                     repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
-                    confidence: float | None = None, squeeze: bool = True) -> tuple[Bank, dict[str, Any]]:
+                    confidence: float | None = None, squeeze: str = "auto",
+                    squeezers: tuple[Squeezer, ...] | None = None) -> tuple[Bank, dict[str, Any]]:
     """``bank`` with the thresholds of the LRT (the paper's score, kept for comparison) and of the served
     default fusion for each false-positive rate, from the calibration split's clean images under the
     same random drawing of ``m`` fingerprints per image used at test time; and a summary.
@@ -53,21 +70,23 @@ def calibrated_bank(ws: Workspace, bank: Bank, m: int = DEFAULT_M, fprs: Sequenc
     Half of the images fit the standardization and the fusion's references, each under ``repeats``
     independent draws pooled; the other half, one draw each, sets split-conformal thresholds
     (:mod:`kernels.calibration`): expected clean false-positive rate at most nominal, or with
-    probability ``confidence`` the realized one. ``squeeze=False`` leaves feature squeezing out of the
-    fusion (an imported ONNX model never has it: its served graph returns no squeezed copies).
+    probability ``confidence`` the realized one. ``squeeze`` and ``squeezers`` decide feature squeezing's
+    membership (:func:`workspace_squeezing`; an imported ONNX model never has it).
     """
     ds, _, _ = load_prepared(ws)
     acts, meta = load_activation_set(ws, "calibration", mmap=False)
     clean = Observations(meta["predicted"], acts=acts, logits=meta["logits"], images=ds.x[meta["source"]])
     lrt = FingerprintDetector(bank, RandomDraws(m), "lrt")
     lrt.calibrate(clean, fprs, repeats, seed, progress, confidence)
-    fused = default_fusion(bank, m, workspace_squeezing(ws) if squeeze else None)
+    squeezing, squeeze_info = workspace_squeezing(ws, squeeze, squeezers)
+    fused = default_fusion(bank, m, squeezing)
     clean = observed(fused, clean)
     fused.calibrate(clean, fprs, repeats, seed, progress, confidence)
     bank = bank.with_meta(calibration={"lrt": lrt.calibration.to_json(), **{
         name: (member.to_json() if isinstance(member, FeatureSqueezing) else member.calibration.to_json())
         for name, member in fused.members.items()}, "fused": fused.to_json()}, draws_per_input=m)
     checked = int(lrt.calibration.counts.sum())
-    return bank, {"m": m, "calibration_images": checked, "uncovered_images": len(acts) - checked, "repeats": repeats,
+    return bank, {"m": m, "squeezing": squeeze_info, "calibration_images": checked,
+                  "uncovered_images": len(acts) - checked, "repeats": repeats,
                   "guarantee": {str(f): fused.calibration.guarantee(f) for f in fprs},
                   "global_lrt_thresholds": {str(f): float(np.median(t)) for f, t in lrt.calibration.thresholds.items()}}

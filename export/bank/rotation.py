@@ -45,7 +45,8 @@ def fresh_bank(ws: Workspace, seed: int | None = None, progress: bool = True) ->
     bank = searched_bank(ws, config, progress)
     cal = stages["calibrate"]["args"]
     bank, _ = calibrated_bank(ws, bank, cal["m"], cal["fprs"], cal["seed"], cal["repeats"], progress,
-                              cal.get("confidence"), squeeze=bool(served_squeezers(current)))  # the served graph's
+                              cal.get("confidence"), "on" if served_squeezers(current) else "off",
+                              served_squeezers(current) or None)  # the squeezed copies the served graph returns
     search = {**bank.meta["search"], "seed": "secret" if seed is None else seed}
     return bank.with_meta(search=search, model_sha256=current.meta["model_sha256"], onnx=current.meta["onnx"])
 

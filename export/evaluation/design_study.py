@@ -100,7 +100,7 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
     def fuse(rule="min", **members):
         return lambda: PValueFusion({k: make() for k, make in members.items()}, rule)
 
-    served_squeezing = workspace_squeezing(ws)  # None for an imported model: no squeezing designs
+    served_squeezing, _ = workspace_squeezing(ws)  # the paper's squeezers; None for an imported model: no such designs
     squeezing = {} if served_squeezing is None else {
         "default: min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
             vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=lambda: squeeze()),

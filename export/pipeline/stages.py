@@ -236,7 +236,7 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
-              confidence: float | None = None, squeeze: bool = True) -> dict[str, Any]:
+              confidence: float | None = None, squeeze: str = "auto") -> dict[str, Any]:
     """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``."""
     started = time.time()
     bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress, confidence, squeeze)

@@ -117,3 +117,17 @@ def test_the_bit_depth_probe_flips_only_pixels_within_eps_of_the_rounding_point_
     assert changed.nonzero().flatten().tolist() == [15] and fooled.tolist() == [True]  # one flip of the best pixel
     flipped, fooled = greedy_flips(model, x, torch.tensor([0]), 0.1)  # nothing within 0.1 of 0.5
     assert torch.equal(flipped, torch.round(x)) and fooled.tolist() == [False]
+
+
+def test_auto_keeps_only_the_squeezers_that_preserve_clean_accuracy():
+    """Xu et al.'s own criterion: a squeezer that changes what the classifier says of clean images would flag
+    them. A classifier reading one grey pixel loses its accuracy under 1-bit depth, not under a 1x1 median."""
+    from kernels.squeezing import accuracy_preserving
+
+    rng = np.random.default_rng(4)
+    images = rng.uniform(0.3, 0.7, size=(200, 1, 2, 2)).astype(np.float32)
+    labels = (images[:, 0, 0, 0] > 0.6).astype(np.int64)  # rounding to 0/1 at 0.5 gets the class wrong
+    logits_of = lambda x: np.stack([0.6 - x[:, 0, 0, 0], x[:, 0, 0, 0] - 0.6], axis=1)  # noqa: E731
+    kept, accuracy = accuracy_preserving(logits_of, images, labels, (Squeezer("bits", 1), Squeezer("median", 1)))
+    assert kept == (Squeezer("median", 1),)
+    assert accuracy["none"] == 1.0 and accuracy["median1"] == 1.0 and accuracy["bits1"] < 0.9
