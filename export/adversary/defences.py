@@ -49,7 +49,7 @@ from kernels.detector import (
 from kernels.served import served_detector, served_squeezers
 from kernels.errors import InvalidInputError
 from kernels.fingerprint_search import SearchConfig
-from kernels.squeezing import FeatureSqueezing, observed
+from kernels.squeezing import FeatureSqueezing
 
 MAX_CORRELATION = 0.5
 SECRET_SEED, ATTACKER_SEED = 7_919, 104_729  # the server's seed stands for one nobody else knows
@@ -86,10 +86,11 @@ class FitData:
         stored = Bank.load(bank_dir(ws))
         meta = {k: v for k, v in stored.meta.items() if k not in ("calibration", "search_results")}
         served = served_squeezers(stored)  # every defence squeezes as the served default does
+        squeeze, _ = workspace_squeezing(ws, "on" if served else "off", served or None)
+        calibration = Observations(cal_meta["predicted"], acts=cal, logits=cal_meta["logits"], images=ds.x[cal_meta["source"]])
         return cls(Observations(cm["label"], acts=c), Observations(am["label"], acts=a),
-                   Observations(cal_meta["predicted"], acts=cal, logits=cal_meta["logits"], images=ds.x[cal_meta["source"]]),
-                   len(prepared["class_names"]), meta,
-                   workspace_squeezing(ws, "on" if served else "off", served or None)[0])
+                   squeeze.observe(calibration) if squeeze else calibration,  # the squeezed copies' logits once
+                   len(prepared["class_names"]), meta, squeeze)
 
     def search(self, config: SearchConfig, extra_attacked: Observations | None = None) -> Bank:
         """The bank searched on the fit split (and ``extra_attacked`` rows)."""
@@ -100,7 +101,6 @@ class FitData:
 
     def fused(self, bank: Bank, m: int, fpr: float, seed: int) -> Detector:
         detector = default_fusion(bank, m, self.squeeze)
-        self.calibration = observed(detector, self.calibration)
         detector.calibrate(self.calibration, (fpr,), DEFAULT_CALIBRATION_REPEATS, seed)
         return detector
 

@@ -100,17 +100,15 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
     def fuse(rule="min", **members):
         return lambda: PValueFusion({k: make() for k, make in members.items()}, rule)
 
-    served_squeezing, _ = workspace_squeezing(ws)  # the paper's squeezers; None for an imported model: no such designs
-    squeezing = {} if served_squeezing is None else {
+    paper, _ = workspace_squeezing(ws)  # the paper's squeezers; None for an imported model: no such designs
+    squeeze = lambda: FeatureSqueezing(paper.logits_of, paper.squeezers)  # noqa: E731 (a fresh one per design)
+    squeezing = {} if paper is None else {
         "default: min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
-            vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=lambda: squeeze()),
-        "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"),
-                                                                squeeze=lambda: squeeze()),
-        "baseline: feature squeezing (Xu et al. 2018)": lambda: squeeze(),
+            vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=squeeze),
+        "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"), squeeze=squeeze),
     }
-    squeeze = lambda: FeatureSqueezing(served_squeezing.logits_of, served_squeezing.squeezers)  # noqa: E731
     return {
-        **{k: v for k, v in squeezing.items() if not k.startswith("baseline")},
+        **squeezing,
         "previous default: min-p(fingerprints k=1 vote, margin)": fuse(vote=fingerprints(method="vote"),
                                                                         margin=LogitMargin),
         "Fisher(fingerprints k=1 vote, margin)": fuse("fisher", vote=fingerprints(method="vote"), margin=LogitMargin),
@@ -135,7 +133,7 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
         "baseline: max softmax": MaxSoftmax,
         "baseline: Mahalanobis (last layer)": mahalanobis,
         "baseline: gray pixels": GrayPixels,
-        **{k: v for k, v in squeezing.items() if k.startswith("baseline")},
+        **({"baseline: feature squeezing (Xu et al. 2018)": squeeze} if paper is not None else {}),
     }
 
 

@@ -76,7 +76,7 @@ class ExportReport:
     parity_images: int
     max_abs_diff_logits: float
     max_abs_diff_activations: float
-    squeezers: list = None  # [[kind, value], ...] of the squeezed_logits output, if any
+    squeezers: list | None = None  # [[kind, value], ...] of the squeezed_logits output, if any
     max_abs_diff_squeezed_logits: float = 0.0
 
     def to_json(self) -> dict:
