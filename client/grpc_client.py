@@ -43,6 +43,8 @@ class Detection:
             too few fingerprints; then score is NaN and is_attacked False).
         fingerprint_ids: ``(B, m) int64`` the fingerprints the server drew for each image (-1 unchecked),
             from a server written with ``audit`` only; None otherwise (the draws stay secret).
+        query_flagged: ``(B,) bool`` the image is a near-copy of a recent query (the server's query memory,
+            the mark of a query-based black-box attack); None from a server written without one.
     """
 
     label: np.ndarray
@@ -51,6 +53,7 @@ class Detection:
     is_attacked: np.ndarray
     checked: np.ndarray
     fingerprint_ids: np.ndarray | None = None
+    query_flagged: np.ndarray | None = None
 
     @property
     def confidence(self) -> np.ndarray:
@@ -81,8 +84,10 @@ def parse(result, batch: int) -> Detection:
             raise RequestError(f"the server's response lacks output {name!r} for {batch} images "
                                f"(got {None if a is None else a.shape}): is this a guarded classifier?")
         arrays[name] = a
+    flagged = result.as_numpy("query_flagged")
     return Detection(arrays["label"][:, 0], arrays["probabilities"], arrays["score"][:, 0],
-                     arrays["is_attacked"][:, 0], arrays["checked"][:, 0], result.as_numpy("fingerprint_ids"))
+                     arrays["is_attacked"][:, 0], arrays["checked"][:, 0], result.as_numpy("fingerprint_ids"),
+                     None if flagged is None else flagged[:, 0])
 
 
 def _server_error(e, url: str) -> RequestError:

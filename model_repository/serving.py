@@ -25,12 +25,15 @@ from kernels.bank import Bank, sha256_file
 from kernels.detector import Observations, Verdicts
 from kernels.served import served_detector, served_squeezers
 from kernels.errors import FingerprintError
+from kernels.query_memory import QueryMemory, QueryMemoryConfig
 from kernels.scoring import check_activations, secure_rng
 
 METRICS = (("nfp_inputs_total", "Inputs scored by the fingerprint detector, by predicted class"),
            ("nfp_flagged_total", "Inputs flagged as attacked, by predicted class"),
            ("nfp_unchecked_total", "Inputs predicted as a class the bank cannot check (answered unchecked)"))
 KERNEL_METRIC = ("nfp_kernel_microseconds_total", "Time spent drawing and scoring fingerprints")
+QUERY_METRICS = (("nfp_queries_total", "Queries remembered by the query memory (stateful detection of query-based attacks)"),
+                 ("nfp_query_flagged_total", "Queries flagged by the query memory: near-copies of a recent query (query_flagged)"))
 SCORE_HISTOGRAM = "nfp_score"
 SIGNATURE_GAUGE = "nfp_signature_verified"
 
@@ -55,16 +58,46 @@ def answered_safely(pb_utils, model: str, execute, requests) -> list:
 
 
 def response_tensors(logits: np.ndarray, labels: np.ndarray, verdicts: Verdicts,
-                     sizes: list[int], audit: bool = False) -> list[dict[str, np.ndarray]]:
+                     sizes: list[int], audit: bool = False,
+                     query_flagged: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
     """The served output tensors of consecutive requests of ``sizes`` inputs each, named as in the model
     configs. Every image is answered; an unchecked one has NaN ``score`` and ``is_attacked`` False. Only
-    with ``audit`` do they include the draws, ``fingerprint_ids`` (-1 where unchecked)."""
+    with ``audit`` do they include the draws, ``fingerprint_ids`` (-1 where unchecked); with a query memory,
+    ``query_flagged``."""
     probabilities, score = softmax(logits), verdicts.score.astype(np.float32)
     bounds = np.cumsum([0, *sizes])
     return [{"label": labels[a:b, None].astype(np.int64), "probabilities": probabilities[a:b],
              "score": score[a:b, None], "is_attacked": verdicts.is_attacked[a:b, None],
-             "checked": verdicts.checked[a:b, None], **({"fingerprint_ids": verdicts.draws[a:b]} if audit else {})}
+             "checked": verdicts.checked[a:b, None], **({"fingerprint_ids": verdicts.draws[a:b]} if audit else {}),
+             **({} if query_flagged is None else {"query_flagged": query_flagged[a:b, None]})}
             for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class QueryWatch:
+    """A served model's :class:`kernels.query_memory.QueryMemory`, built from its config parameters
+    (``query_<knob>``, written by :mod:`model_repository.writer`), and its Prometheus counters
+    ``nfp_queries_total{model}`` and ``nfp_query_flagged_total{model}``. :meth:`from_params` returns None
+    for a model written without one. One memory per model instance: instances share nothing."""
+
+    def __init__(self, pb_utils, model: str, config: QueryMemoryConfig, scale: float) -> None:
+        self.memory, self.scale = QueryMemory(config), float(scale)
+        kind = pb_utils.MetricFamily
+        self.families = [kind(name=name, description=text, kind=kind.COUNTER) for name, text in QUERY_METRICS]
+        self.queries, self.flagged = (f.Metric(labels={"model": model}) for f in self.families)
+
+    @classmethod
+    def from_params(cls, pb_utils, model: str, params: dict[str, str], scale: float) -> "QueryWatch | None":
+        knobs = {k[len("query_"):]: v for k, v in params.items() if k.startswith("query_")}
+        if not knobs:
+            return None
+        return cls(pb_utils, model, QueryMemoryConfig.from_strings(knobs), scale)
+
+    def observe(self, images: np.ndarray) -> np.ndarray:
+        """``(B,) bool``: each image (served values, divided by the input's scale) flagged or not, in order."""
+        flagged, _ = self.memory.observe(np.asarray(images, np.float32) / self.scale)
+        self.queries.increment(len(flagged))
+        self.flagged.increment(int(flagged.sum()))
+        return flagged
 
 
 class DetectorMetrics:

@@ -12,8 +12,10 @@ has a feature-squeezing member, ``squeezed_logits``), so the detector and the en
 same in both profiles. Models:
 
 - ``classifier``: images -> logits, activations (, squeezed_logits);
-- ``fingerprint_detector``: logits, activations (, squeezed_logits) -> label, probabilities, score, is_attacked, checked
-  (and ``fingerprint_ids``, the request's draws, only in a repository written with ``audit``);
+- ``fingerprint_detector``: logits, activations (, squeezed_logits) (, the images, with a query memory) -> label,
+  probabilities, score, is_attacked, checked (, ``query_flagged``, with a query memory: the image is a
+  near-copy of a recent query, :mod:`kernels.query_memory`) (and ``fingerprint_ids``, the request's draws,
+  only in a repository written with ``audit``);
 - ``guarded_classifier`` (ensemble): images -> the same outputs;
 - ``guarded_classifier_fused`` (cpu profile, when ``ServingConfig.fused``): the same inputs and outputs
   from one Python-backend step running both the classifier and the detector.
@@ -22,17 +24,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kernels.bank import Bank
 from kernels.contract import Contract, default_contract, load_contract
 from kernels.errors import InvalidInputError
+from kernels.query_memory import QueryMemoryConfig
 from kernels.served import served_squeezers
 
 SOURCES = Path(__file__).resolve().parent  # the models' code, package data (see pyproject)
 ENSEMBLE, CLASSIFIER, DETECTOR, FUSED = "guarded_classifier", "classifier", "fingerprint_detector", "guarded_classifier_fused"
 PROFILES = ("cpu", "gpu")
+QUERY_MEMORY = "query_memory.json"  # in the pipeline folder: the query memory calibrated by `nfp calibrate`
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,10 @@ class ServingConfig:
         fused: also serve ``guarded_classifier_fused`` (cpu profile only).
         audit: also answer each request's draws (``fingerprint_ids``). Off by default: the draws are
             the detector's secret, and an attacker who sees them learns which fingerprints a request met.
+        watch_queries: give the detecting models a query memory (:mod:`kernels.query_memory`) and the
+            output ``query_flagged``.
+        query_memory: its knobs; None: the pipeline folder's calibrated ones (``query_memory.json``,
+            written by ``nfp calibrate``), else the defaults.
     """
 
     max_batch_size: int = 256
@@ -57,6 +65,8 @@ class ServingConfig:
     false_positive_rate: float = 0.01
     fused: bool = False
     audit: bool = False
+    watch_queries: bool = True
+    query_memory: QueryMemoryConfig | None = None
 
 
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:
@@ -76,7 +86,7 @@ def _instances(kind: str, cfg: ServingConfig) -> str:
 
 
 DETECTION_OUTPUTS = ("label", "probabilities", "score", "is_attacked", "checked", "fingerprint_ids", "activations",
-                     "squeezed_logits")
+                     "squeezed_logits", "query_flagged")
 
 
 def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConfig,
@@ -104,6 +114,8 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
     results = [_tensor("label", "TYPE_INT64", [1]), _tensor("probabilities", "TYPE_FP32", [c]),
                _tensor("score", "TYPE_FP32", [1]), _tensor("is_attacked", "TYPE_BOOL", [1]),
                _tensor("checked", "TYPE_BOOL", [1])] + [_tensor("fingerprint_ids", "TYPE_INT64", [m])] * cfg.audit
+    memory = (cfg.query_memory or QueryMemoryConfig()) if cfg.watch_queries else None
+    results += [_tensor("query_flagged", "TYPE_BOOL", [1])] * (memory is not None)
     guarded = [_tensor(o["name"], o["data_type"], o["dims"]) for o in originals] + results
     head = lambda name, backend: f'name: "{name}"\n{backend}\nmax_batch_size: {cfg.max_batch_size}\n'  # noqa: E731
     interface = (f'parameters {{ key: "input_scale" value: {{ string_value: "{contract.scale:g}" }} }}\n'
@@ -118,13 +130,20 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
                       + _instances("KIND_GPU", cfg))
     detection = (f'parameters {{ key: "model_sha256" value: {{ string_value: "{bank.meta["model_sha256"]}" }} }}\n'
                  + f'parameters {{ key: "false_positive_rate" value: {{ string_value: "{cfg.false_positive_rate:g}" }} }}\n'
-                 + f'parameters {{ key: "audit" value: {{ string_value: "{str(cfg.audit).lower()}" }} }}\n')
-    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [_tensor("logits", logits_type, [c]), *evidence])
+                 + f'parameters {{ key: "audit" value: {{ string_value: "{str(cfg.audit).lower()}" }} }}\n'
+                 + "".join(f'parameters {{ key: "query_{k}" value: {{ string_value: "{v}" }} }}\n'
+                           for k, v in (memory.to_json() if memory else {}).items()))
+    watched = [images] * (memory is not None)  # the detector step sees the image too, to remember it
+    detector = (head(DETECTOR, 'backend: "python"') + _io("input", [_tensor("logits", logits_type, [c]), *evidence,
+                                                                     *watched])
                 + _io("output", results) + _batching(cfg)
                 + _instances("KIND_GPU" if profile == "gpu" else "KIND_CPU", cfg) + detection)
+    if memory is not None:
+        detector += interface
     if profile == "gpu":  # hand the detector GPU tensors (DLPack) instead of copies on the host
         detector += 'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
-    names = ["label", "probabilities", "score", "is_attacked", "checked"] + ["fingerprint_ids"] * cfg.audit
+    names = (["label", "probabilities", "score", "is_attacked", "checked"] + ["fingerprint_ids"] * cfg.audit
+             + ["query_flagged"] * (memory is not None))
     evidence_names = ["activations"] + ["squeezed_logits"] * bool(squeezers)
     ensemble = (head(ENSEMBLE, 'platform: "ensemble"') + interface + _io("input", [images]) + _io("output", guarded)
                 + "ensemble_scheduling {\n  step [\n"
@@ -134,7 +153,8 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
                 + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in evidence_names)[:-1] + " },\n"
                 + f'    {{ model_name: "{DETECTOR}" model_version: -1\n'
                 + f'      input_map {{ key: "logits" value: "{contract.logits}" }}\n'
-                + "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n in evidence_names)
+                + "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n'
+                          for n in evidence_names + [contract.input_name] * (memory is not None))
                 + "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n in names) + "    }\n  ]\n}\n")
     configs = {CLASSIFIER: classifier, DETECTOR: detector, ENSEMBLE: ensemble}
     if cfg.fused:
@@ -160,6 +180,9 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
         raise InvalidInputError(f"the bank in {pipeline_out} is not calibrated and exported: run calibrate and export")
     contract = load_contract(pipeline_out)
     imported = contract is not None
+    if cfg.watch_queries and cfg.query_memory is None and (pipeline_out / QUERY_MEMORY).is_file():
+        calibrated = json.loads((pipeline_out / QUERY_MEMORY).read_text())["config"]
+        cfg = replace(cfg, query_memory=QueryMemoryConfig(**calibrated))
     if contract is None:
         contract = default_contract(json.loads((pipeline_out / "data.json").read_text())["image_shape"], bank.num_classes)
     if signing_key is not None and Path(signing_key).resolve().is_relative_to(target.resolve()):

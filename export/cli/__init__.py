@@ -19,7 +19,7 @@ COMMANDS = {
     "search": "search", "build-bank": "build_bank", "harden": "harden", "calibrate": "calibrate",
     "evaluate": "evaluate", "export": "export", "serve": "serve", "rotate": "rotate", "whitebox": "whitebox",
     "predict": "predict", "drift": "drift", "demo": "demo", "study": "study", "synthetic-bank": "synthetic_bank",
-    "pipeline": "pipeline",
+    "campaigns": "campaigns", "pipeline": "pipeline",
 }
 
 

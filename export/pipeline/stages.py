@@ -47,10 +47,13 @@ from kernels.detector import DEFAULT_CALIBRATION_REPEATS, DEFAULT_M, Observation
 from kernels.errors import InvalidInputError, ModelMismatchError
 from kernels.served import served_squeezers
 from kernels.fingerprint_search import SearchConfig
+from kernels.query_memory import QueryMemoryConfig, calibrated
 from kernels.scoring import covered
+from model_repository.writer import QUERY_MEMORY
 
 MIN_ATTACKED_PER_CLASS = 3      # a class's search needs at least this many (kernels.fingerprint_search)
 DEFAULT_EVAL_COUNT = 300        # test images attacked by each evaluation attack (CW-L2 takes ~0.25 s each)
+QUERY_FLAG_RATE = 0.001        # benign queries the served query memory may flag (issue 27's target)
 DEMO_ATTACKS = ("pgd_eps0.3", "pgd_eps0.1", "pgd-targeted_eps0.3", "cw-l2", "cw-l2_conf5", "deepfool")  # what the demo sends
 
 
@@ -237,14 +240,24 @@ def search(ws: Workspace, config: SearchConfig = SearchConfig(), progress: bool 
 def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT_FPRS, seed: int = 0,
               repeats: int = DEFAULT_CALIBRATION_REPEATS, progress: bool = True,
               confidence: float | None = None, squeeze: str = "auto") -> dict[str, Any]:
-    """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``."""
+    """Calibrate the workspace's bank (:func:`calibrated_bank`) and store the thresholds in ``bank.json``;
+    calibrate the served query memory's threshold on the same clean images (:func:`calibrate_query_memory`)."""
     started = time.time()
     bank, summary = calibrated_bank(ws, Bank.load(bank_dir(ws)), m, fprs, seed, repeats, progress, confidence, squeeze)
-    files = list(bank.save(bank_dir(ws)))
+    files = [*bank.save(bank_dir(ws)), calibrate_query_memory(ws, seed=seed)]
     ws.record("calibrate", {"m": m, "fprs": list(fprs), "seed": seed, "repeats": repeats, "confidence": confidence,
                             "squeeze": squeeze},
               files, started, {"global_lrt_thresholds": summary.pop("global_lrt_thresholds")})
     return summary
+
+
+def calibrate_query_memory(ws: Workspace, rate: float = QUERY_FLAG_RATE, seed: int = 0) -> Path:
+    """The served query memory's threshold (:func:`kernels.query_memory.calibrated`): the smallest that flags
+    at most ``rate`` of the calibration split's clean images sent as a stream; ``query_memory.json``, which
+    the repository writer reads."""
+    ds, splits, _ = load_prepared(ws)
+    config, measured = calibrated(QueryMemoryConfig(), ds.x[splits.calibration], rate, seed)
+    return ws.write_json(ws.root / QUERY_MEMORY, {"config": config.to_json(), "calibration": measured})
 
 
 def evaluate(ws: Workspace, seed: int = 1, spread_draws: int = 100, progress: bool = True) -> dict[str, Any]:

@@ -3,6 +3,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from kernels.query_memory import QueryMemoryConfig
 from model_repository.writer import PROFILES, ServingConfig, model_configs
 from kernels.bank import Bank
 from kernels.contract import default_contract
@@ -21,9 +22,12 @@ def test_configs_parse_with_tritons_model_config_protobuf(bank, profile):
     classifier, detector, ensemble = configs["classifier"], configs["fingerprint_detector"], configs["guarded_classifier"]
     assert [o.name for o in classifier.output] == ["logits", "activations"]
     assert list(classifier.output[1].dims) == [300]
-    assert [i.name for i in detector.input] == ["logits", "activations"]
-    assert [o.name for o in detector.output][4:] == ["checked", "fingerprint_ids"]
+    assert [i.name for i in detector.input] == ["logits", "activations", "images"]  # the image: for the query memory
+    assert [o.name for o in detector.output][4:] == ["checked", "fingerprint_ids", "query_flagged"]
     assert list(detector.output[5].dims) == [32]
+    assert {s.model_name: dict(s.input_map) for s in ensemble.ensemble_scheduling.step}["fingerprint_detector"] == {
+        "logits": "logits", "activations": "activations", "images": "images"}
+    assert detector.parameters["query_threshold"].string_value == str(QueryMemoryConfig().threshold)
     assert ensemble.platform == "ensemble" and len(ensemble.ensemble_scheduling.step) == 2
     assert detector.parameters["model_sha256"].string_value == "ab" * 32
     assert detector.parameters["audit"].string_value == "true"
@@ -58,6 +62,23 @@ def test_the_draws_are_no_output_unless_the_repository_is_written_for_audit(bank
         assert "fingerprint_ids" not in [o.name for o in config.output], name
         assert all("fingerprint_ids" not in s.output_map for s in config.ensemble_scheduling.step)
     assert configs["fingerprint_detector"].parameters["audit"].string_value == "false"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_repository_written_without_a_query_memory_has_no_query_flagged_and_no_image_at_the_detector(bank, fused):
+    configs = {name: text_format.Parse(text, model_config_pb2.ModelConfig())
+               for name, text in model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "cpu",
+                                               ServingConfig(fused=fused, watch_queries=False)).items()}
+    for name, config in configs.items():
+        assert "query_flagged" not in [o.name for o in config.output], name
+        assert not [k for k in config.parameters if k.startswith("query_")], name
+    assert [i.name for i in configs["fingerprint_detector"].input] == ["logits", "activations"]
+    knobs = QueryMemoryConfig(capacity=7, threshold=3, repeats="flag")
+    detector = text_format.Parse(model_configs(bank, default_contract([1, 28, 28], bank.num_classes), "cpu",
+                                               ServingConfig(query_memory=knobs))["fingerprint_detector"],
+                                 model_config_pb2.ModelConfig())
+    written = {k[len("query_"):]: v.string_value for k, v in detector.parameters.items() if k.startswith("query_")}
+    assert QueryMemoryConfig.from_strings(written) == knobs  # what the served model rebuilds
 
 
 def test_an_unexpected_failure_in_a_model_is_logged_in_full_and_answered_without_internals():

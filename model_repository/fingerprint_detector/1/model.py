@@ -14,7 +14,10 @@ DLPack), and returns:
 - ``checked (1,) bool``: whether the input could be checked (False where the predicted class has fewer
   than ``m`` fingerprints; then ``score`` is NaN and ``is_attacked`` False);
 - ``fingerprint_ids (m,) int64``, only when the repository was written with ``audit``: the draws of
-  this request (tests replay them offline). Off by default: the draws are the detector's secret.
+  this request (tests replay them offline). Off by default: the draws are the detector's secret;
+- ``query_flagged (1,) bool``, when written with a query memory (the default; the ensemble then hands this
+  step the image too): the image is a near-copy of a recent query, the mark of a query-based black-box
+  attack (``model_repository.serving.QueryWatch``, Blacklight's test). Images are remembered in arrival order.
 
 Requests of one ``execute`` call are scored together; a request with bad activations gets its own
 error, on ``KIND_GPU`` too (each request's GPU tensor is checked on its own), and every image of a good
@@ -27,7 +30,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from kernels.errors import FingerprintError
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, signature_gauge
+from model_repository.serving import (DetectorMetrics, QueryWatch, ServedDetector, answered_safely, response_tensors,
+                                      signature_gauge)
 
 
 def host_array(tensor) -> np.ndarray:
@@ -52,13 +56,16 @@ class TritonPythonModel:
         self.metrics = DetectorMetrics(pb_utils, self.name, self.detector)
         self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
+        self.watch = QueryWatch.from_params(pb_utils, self.name, params, float(params.get("input_scale", "1")))
+        evidence = {"logits", "activations", "squeezed_logits"}
+        self.image_input = next((t["name"] for t in config["input"] if t["name"] not in evidence), None)
 
     def execute(self, requests):
         return answered_safely(pb_utils, self.name, self._execute, requests)
 
     def _execute(self, requests):
         responses = [None] * len(requests)
-        logits, labels, acts, squeezed, owners = [], [], [], [], []
+        logits, labels, acts, squeezed, images, owners = [], [], [], [], [], []
         for i, request in enumerate(requests):
             z = host_array(pb_utils.get_input_tensor_by_name(request, "logits")).astype(np.float32, copy=False)
             a = pb_utils.get_input_tensor_by_name(request, "activations")
@@ -70,6 +77,8 @@ class TritonPythonModel:
             except FingerprintError as e:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
                 continue
+            if self.watch is not None:
+                images.append(host_array(pb_utils.get_input_tensor_by_name(request, self.image_input)))
             logits.append(z)
             labels.append(label)
             acts.append(a)
@@ -81,6 +90,8 @@ class TritonPythonModel:
         squeezed = np.concatenate(squeezed) if self.detector.squeezers else None
         verdicts, kernel_s = self.detector.detect(labels, acts, logits, squeezed)
         self.metrics.record(verdicts, labels, kernel_s)
-        for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners], self.audit)):
+        flagged = None if self.watch is None else self.watch.observe(np.concatenate(images))
+        for (i, _), out in zip(owners, response_tensors(logits, labels, verdicts, [n for _, n in owners], self.audit,
+                                                        flagged)):
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses

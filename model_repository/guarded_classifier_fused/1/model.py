@@ -2,7 +2,8 @@
 
 Same inputs and outputs as the ``guarded_classifier`` ensemble (the served image input -> an imported
 model's own outputs, ``label``,
-``probabilities``, ``score``, ``is_attacked``, ``checked``, and ``fingerprint_ids`` with ``audit``) and the same detection
+``probabilities``, ``score``, ``is_attacked``, ``checked``, ``fingerprint_ids`` with ``audit``, ``query_flagged`` with a query
+memory) and the same detection
 (``model_repository.serving.ServedDetector``), but the ONNX classifier and the detector run in one ``execute`` of
 one Python stub, so the activations never leave the process and no second ensemble step is
 scheduled. On the pip-installed server, where the classifier is itself a Python-backend model, this
@@ -18,7 +19,8 @@ import triton_python_backend_utils as pb_utils
 from kernels.errors import FingerprintError
 from kernels.contract import ServedInput
 from kernels.onnx_runtime import image_problem, ort_session
-from model_repository.serving import DetectorMetrics, ServedDetector, answered_safely, response_tensors, signature_gauge
+from model_repository.serving import (DetectorMetrics, QueryWatch, ServedDetector, answered_safely, response_tensors,
+                                      signature_gauge)
 from model_repository.writer import DETECTION_OUTPUTS
 
 
@@ -44,6 +46,7 @@ class TritonPythonModel:
         self.metrics = DetectorMetrics(pb_utils, self.name, self.detector)
         self.signature = signature_gauge(pb_utils, self.name, self.detector.verified)
         self.audit = params.get("audit") == "true"
+        self.watch = QueryWatch.from_params(pb_utils, self.name, params, self.served.scale)  # query_flagged
 
     def execute(self, requests):
         return answered_safely(pb_utils, self.name, self._execute, requests)
@@ -63,7 +66,8 @@ class TritonPythonModel:
             return responses
         evidence = ["activations"] + ["squeezed_logits"] * bool(self.detector.squeezers)
         names = list(dict.fromkeys([self.logits, *evidence, *self.originals]))
-        outputs = dict(zip(names, self.session.run(names, {self.served.name: np.concatenate(images)})))
+        batch = np.concatenate(images)
+        outputs = dict(zip(names, self.session.run(names, {self.served.name: batch})))
         logits, acts = outputs[self.logits].astype(np.float32, copy=False), outputs["activations"]
         squeezed = outputs.get("squeezed_logits")
         rows, labels, answered = [], [], []
@@ -86,8 +90,9 @@ class TritonPythonModel:
             squeezed = None if squeezed is None else np.concatenate([squeezed[s] for s in rows])
         verdicts, kernel_s = self.detector.detect(labels, [acts], logits, squeezed)
         self.metrics.record(verdicts, labels, kernel_s)
+        flagged = None if self.watch is None else self.watch.observe(np.concatenate([batch[s] for s in rows]))
         for (i, _), s, out in zip(answered, rows, response_tensors(logits, labels, verdicts, [n for _, n in answered],
-                                                                    self.audit)):
+                                                                    self.audit, flagged)):
             out.update({name: outputs[name][s] for name in self.originals})
             responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in out.items()])
         return responses
