@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import urllib.request
 
-DETECTOR_COUNTERS = ("nfp_inputs_total", "nfp_flagged_total", "nfp_unchecked_total", "nfp_kernel_microseconds_total")
+DETECTOR_COUNTERS = ("nfp_inputs_total", "nfp_flagged_total", "nfp_unchecked_total", "nfp_kernel_microseconds_total",
+                     "nfp_queries_total", "nfp_query_flagged_total")
 
 
 def _samples(metrics_url: str, timeout_s: float):

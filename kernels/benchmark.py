@@ -3,6 +3,7 @@
     python -m kernels.benchmark            # the full grid
     python -m kernels.benchmark --quick    # B = 64, m = 256, k = 50 only
     python -m kernels.benchmark --detectors  # the served detector step: the LRT alone vs the fused default
+    python -m kernels.benchmark --query-memory  # what the query memory adds to the detector step
 
 For each ``B`` (images), ``m`` (fingerprints drawn per image) and ``k`` (neurons per fingerprint):
 microseconds per batch, images per second, and gathered activation values per second of the full
@@ -113,6 +114,36 @@ def draw_sources(neurons: int) -> None:
               f"{t[3] * 1e6:>10.0f} {t[3] / t[2]:>5.2f}")
 
 
+def query_memory_cost(neurons: int, image_shape: tuple[int, ...] = (1, 28, 28)) -> None:
+    """What the served query memory (:mod:`kernels.query_memory`) adds to the detector step: the step
+    (the fused vote and margin on an MNIST-size bank) and the memory's match-and-remember of the same
+    batch's images, best of interleaved repeats, and the memory's size per 100,000 remembered queries.
+    The memory is filled with 20,000 queries first; images are uniform noise (every window distinct:
+    the most hashing and sorting)."""
+    from kernels.baselines import LogitMargin
+    from kernels.detector import FingerprintDetector, Observations, PValueFusion, RandomDraws
+    from kernels.query_memory import QueryMemory, QueryMemoryConfig
+
+    rng = np.random.default_rng(0)
+    bank = synthetic_bank(10, 300, 1, neurons)
+    fused = PValueFusion({"vote": FingerprintDetector(bank, RandomDraws(128), "vote"), "margin": LogitMargin()})
+    fused.calibrate(Observations(rng.integers(0, 10, 1000), acts=rng.normal(size=(1000, neurons)).astype(np.float32),
+                                 logits=rng.normal(size=(1000, 10))), (0.01,), repeats=2)
+    memory = QueryMemory(QueryMemoryConfig())
+    memory.observe(rng.random((20_000, *image_shape), np.float32))
+    per_100k = QueryMemory(QueryMemoryConfig(capacity=100_000)).nbytes
+    print(f"query memory beside the detector step (D = {neurons}, m = 128, fused vote + margin); images "
+          f"{'x'.join(map(str, image_shape))}; best of interleaved repeats")
+    print(f"{'B':>4} | {'step us':>9} {'memory us':>10} {'per image us':>12} {'step + memory':>14}")
+    for b in (1, 32, 256):
+        obs = Observations(rng.integers(0, 10, b), acts=rng.normal(size=(b, neurons)).astype(np.float32),
+                           logits=rng.normal(size=(b, 10)), validated=True)
+        images = rng.random((b, *image_shape), np.float32)
+        step, watch = best_times([lambda: fused.detect(obs, rng=rng), lambda: memory.observe(images)])
+        print(f"{b:>4} | {step * 1e6:>9.0f} {watch * 1e6:>10.0f} {watch / b * 1e6:>12.1f} {(step + watch) / step:>13.2f}x")
+    print(f"memory per 100,000 remembered queries: {per_100k / 1e6:.1f} MB (fixed at start)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--neurons", type=int, default=12938, help="D (default: %(default)s, the MNIST CNN's layout)")
@@ -121,7 +152,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead: the served detector step, the LRT alone beside the fused default")
     p.add_argument("--draw-sources", action="store_true",
                    help="instead: the cost of secret draws (OS entropy) against a seeded PCG64, alone and per step")
+    p.add_argument("--query-memory", action="store_true",
+                   help="instead: what the served query memory adds to the detector step, and its size")
     args = p.parse_args(argv)
+    if args.query_memory:
+        query_memory_cost(args.neurons)
+        return
     if args.detectors:
         detector_steps()
         return

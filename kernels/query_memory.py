@@ -43,6 +43,17 @@ def _mix(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """For each position of a sorted array, where its run of equal values starts."""
+    n = len(sorted_values)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    starts = np.zeros(n, np.int64)
+    changed = np.flatnonzero(sorted_values[1:] != sorted_values[:-1]) + 1
+    starts[changed] = changed
+    return np.maximum.accumulate(starts)
+
+
 def _inverse(a: np.uint64) -> np.uint64:
     """The inverse of an odd ``a`` mod 2^64 (Newton's iteration, each step doubling the correct bits)."""
     a, x = int(a), int(a)
@@ -151,11 +162,13 @@ class QueryMemory:
         # sum_{t<k} q[t] base^(n-1-t): window i is (prefix[i+w] - prefix[i]) / base^(n-i-w)
         windows = (prefix[:, c.window:] - prefix[:, :-c.window]) * self._inverse_powers[:n - c.window + 1][::-1]
         h = np.sort(_mix(windows ^ self._key), axis=1)
-        h[:, 1:][h[:, 1:] == h[:, :-1]] = 0  # keep one of each value
-        top = np.sort(h, axis=1)[:, ::-1][:, :c.hashes]
-        if top.shape[1] < c.hashes:
-            top = np.pad(top, ((0, 0), (0, c.hashes - top.shape[1])))
-        return np.ascontiguousarray(top)
+        h[:, 1:][h[:, 1:] == h[:, :-1]] = 0  # keep one of each value; the others stay sorted
+        distinct = h != 0
+        rank = np.cumsum(distinct[:, ::-1], axis=1)[:, ::-1]  # 1: the largest distinct value
+        keep = distinct & (rank <= c.hashes)
+        top = np.zeros((len(h), c.hashes), np.uint64)
+        top[np.nonzero(keep)[0], rank[keep] - 1] = h[keep]
+        return top
 
     def digest(self, images: np.ndarray) -> np.ndarray:
         """``(B,) uint64``: a keyed BLAKE2b of each image's exact float32 values (what ``repeats`` compares)."""
@@ -165,50 +178,75 @@ class QueryMemory:
                          for row in x], np.uint64)
 
     def observe(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Match each image against the memory (and the images before it in ``images``), then remember it.
+        """Match each image against the memory and the images before it in ``images``, then remember them.
 
         Returns ``(flagged (B,) bool, matches (B,) int)``: ``matches`` is the most hashes the image
-        shares with one remembered query; flagged when it reaches ``threshold`` (an exact repeat of that
-        query is not flagged under ``repeats="allow"``)."""
+        shares with one earlier query; flagged when it reaches ``threshold``, unless that query (the one
+        with the most shared hashes) had exactly the same pixels and ``repeats="allow"``. One batch is
+        matched at once: against the table as it stood before the batch, and among its own images by
+        sorting their hashes; then all are inserted, each bucket's newest first into its oldest ways."""
         c = self.config
         fps, digests = self.fingerprints(images), self.digest(images)
-        flagged, matches = np.zeros(len(fps), bool), np.zeros(len(fps), np.int64)
-        buckets = np.uint64(self.buckets)
-        for i, (fp, digest) in enumerate(zip(fps, digests)):
-            fp = fp[fp != 0]
-            bucket, tag = (fp % buckets).astype(np.int64), (fp >> np.uint64(32)).astype(np.uint32)
-            age = np.uint32(self.seen & 0xFFFFFFFF) - self._seqs[bucket]  # wraps mod 2^32; 0: the last query
-            live = (self._tags[bucket] == tag[:, None]) & (age < c.capacity)
-            if live.any():
-                ages, counts = np.unique(age[live], return_counts=True)
-                best = int(np.argmax(counts))
-                matches[i] = counts[best]
-                repeat = self._digests[(self.seen - 1 - int(ages[best])) % c.capacity] == digest
-                flagged[i] = counts[best] >= c.threshold and not (repeat and c.repeats == "allow")
-            self.seen += 1
-            number = np.uint32(self.seen & 0xFFFFFFFF)
-            _, once = np.unique(bucket, return_index=True)
-            ways = np.argmax(age[once], axis=1)  # each bucket's oldest entry
-            self._tags[bucket[once], ways], self._seqs[bucket[once], ways] = tag[once], number
-            for j in np.setdiff1d(np.arange(len(bucket)), once):  # a second hash of this query in one bucket
-                way = np.argmax(number - self._seqs[bucket[j]])
-                self._tags[bucket[j], way], self._seqs[bucket[j], way] = tag[j], number
-            self._digests[(self.seen - 1) % c.capacity] = digest
+        b, seen = len(fps), self.seen
+        rows = np.repeat(np.arange(b), c.hashes)
+        flat = fps.ravel()
+        rows, flat = rows[flat != 0], flat[flat != 0]
+        bucket, tag = (flat % np.uint64(self.buckets)).astype(np.int64), (flat >> np.uint64(32)).astype(np.uint32)
+        # the remembered queries: an entry `age` queries older than the last one before the batch is
+        # `age + j` queries older than image j's predecessor, and matches while that is below the capacity
+        age = (np.uint32(seen & 0xFFFFFFFF) - self._seqs[bucket]).astype(np.int64)  # wraps mod 2^32
+        hit, way = np.nonzero((self._tags[bucket] == tag[:, None]) & (age + rows[:, None] < c.capacity))
+        pairs = [(rows[hit], -1 - age[hit, way])]  # (image, earlier query relative to the batch: -1 the last)
+        if b > 1:  # the batch's own earlier images: pairs of equal hashes, the earlier image first (stable sort)
+            order = np.argsort(flat, kind="stable")
+            v, r = flat[order], rows[order]
+            run = _run_starts(v)
+            before = np.arange(len(v)) - run  # equal hashes of earlier images
+            later = np.repeat(np.arange(len(v)), before)
+            earlier = run[later] + np.arange(len(later)) - np.repeat(np.cumsum(before) - before, before)
+            near = r[later] - r[earlier] <= c.capacity
+            pairs.append((r[later][near], r[earlier][near]))
+        image, other = (np.concatenate(p) for p in zip(*pairs))
+        span = c.capacity + 1 + b  # `other` lies in [-capacity, b): one int64 key per (image, other) pair
+        keys, counts = np.unique(image * span + (other + c.capacity), return_counts=True)
+        image, other = keys // span, keys % span - c.capacity
+        remembered = self._digests[(seen + other[other < 0]) % c.capacity]
+        repeat = np.zeros(len(other), bool)
+        repeat[other < 0] = remembered == digests[image[other < 0]]
+        repeat[other >= 0] = digests[other[other >= 0]] == digests[image[other >= 0]]
+        best = np.lexsort((~repeat, -counts, image))  # per image: most shared hashes, a repeat first on ties
+        first = best[_run_starts(image[best]) == np.arange(len(best))]
+        matches = np.zeros(b, np.int64)
+        flagged = np.zeros(b, bool)
+        matches[image[first]] = counts[first]
+        flagged[image[first]] = (counts[first] >= c.threshold) & ~(repeat[first] & (c.repeats == "allow"))
+        # remember: per bucket the newest entries (up to `ways`) into its oldest ways
+        order = np.lexsort((-rows, bucket))
+        rank = np.arange(len(order)) - _run_starts(bucket[order])
+        keep = order[rank < c.ways]
+        oldest_first = np.argsort(-age[keep], axis=1, kind="stable")
+        way = np.take_along_axis(oldest_first, rank[rank < c.ways][:, None], axis=1)[:, 0]
+        self._tags[bucket[keep], way] = tag[keep]
+        self._seqs[bucket[keep], way] = ((seen + 1 + rows[keep]) & 0xFFFFFFFF).astype(np.uint32)
+        self._digests[(seen + np.arange(b)) % c.capacity] = digests
+        self.seen += b
         return flagged, matches
 
 
-def calibrated(config: QueryMemoryConfig, images: np.ndarray, rate: float = 0.001, seed: int = 0
+def calibrated(config: QueryMemoryConfig, images: np.ndarray, rate: float = 0.001, seed: int = 0, orders: int = 5
                ) -> tuple[QueryMemoryConfig, dict]:
     """``config`` with the smallest ``threshold`` that flags at most ``rate`` of a benign stream: ``images``
-    (distinct clean images) sent in a seeded random order to an empty memory; and what was measured
-    (queries, rate, realized share, the most matches seen). The share grows with the traffic a memory
-    has seen (more chances of a look-alike), so measure it again on a stream as long as the capacity."""
+    (distinct clean images) sent to an empty memory in ``orders`` seeded random orders, the shares pooled;
+    and what was measured (queries, rate, realized share, the most matches seen). The share grows with the
+    traffic a memory has seen (more chances of a look-alike), so measure it again on a longer stream."""
     if not 0 < rate < 1:
         raise InvalidInputError(f"query memory: the benign flag rate must lie in (0, 1), got {rate}")
-    order = np.random.default_rng(seed).permutation(len(images))
-    _, matches = QueryMemory(config, key=seed).observe(np.asarray(images)[order])
-    shares = [(matches >= t).mean() for t in range(1, config.hashes + 1)]
-    threshold = next((t for t, share in zip(range(1, config.hashes + 1), shares) if share <= rate), config.hashes)
+    rng = np.random.default_rng(seed)
+    matches = np.concatenate([QueryMemory(config, key=seed + i).observe(np.asarray(images)[rng.permutation(len(images))])[1]
+                              for i in range(orders)])
+    thresholds = np.arange(1, config.hashes + 1)
+    shares = (matches[:, None] >= thresholds).mean(axis=0)
+    threshold = int(thresholds[np.argmax(shares <= rate)]) if (shares <= rate).any() else config.hashes
     return (QueryMemoryConfig(**{**config.to_json(), "threshold": threshold}),
-            {"queries": len(images), "rate": rate, "realized": float(shares[threshold - 1]),
-             "max_matches": int(matches.max(initial=0)), "seed": seed})
+            {"queries": int(len(matches)), "images": len(images), "orders": orders, "rate": rate,
+             "realized": float(shares[threshold - 1]), "max_matches": int(matches.max(initial=0)), "seed": seed})

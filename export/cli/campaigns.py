@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from export.evaluation.query_campaigns import CAMPAIGN_ATTACKS
 
     p.add_argument("--count", type=int, default=50, help="campaigns (test images) per attack (default: %(default)s)")
-    p.add_argument("--attacks", nargs="+", choices=list(CAMPAIGN_ATTACKS), default=list(CAMPAIGN_ATTACKS),
-                   help="which attacks (default: all)")
+    p.add_argument("--attacks", nargs="+", choices=list(CAMPAIGN_ATTACKS), default=list(CAMPAIGN_ATTACKS), metavar="ATTACK",
+                   help=f"which attacks, of: {', '.join(CAMPAIGN_ATTACKS)} (default: all)")
     p.add_argument("--no-adaptive", action="store_true",
                    help="skip the adaptive variants (a random transform on every query)")
     p.add_argument("--campaign-seed", type=int, default=0, help="seed of the images and the attacks (default: 0)")

@@ -33,6 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--audit", action="store_true",
                    help="also answer each request's draws (fingerprint_ids); off by default, the draws are the "
                         "detector's secret")
+    p.add_argument("--no-query-memory", action="store_true",
+                   help="serve without the query memory (no query_flagged output, the detector step gets no image)")
+    p.add_argument("--query-capacity", type=int, default=None, metavar="N",
+                   help="queries the memory remembers (default: the calibrated file's, else 100000; 8 bytes x 2 x "
+                        "50 hashes each, ~80 MB per 100,000)")
+    p.add_argument("--query-threshold", type=int, default=None, metavar="T",
+                   help="shared hashes (of 50) with one recent query that set query_flagged (default: the one "
+                        "`nfp calibrate` chose on clean images, <out>/query_memory.json)")
     add_admin_key(p, "the key the server requires (header nfp-admin-key) for its restricted protocols: model "
                       "control, shared memory, statistics, trace, logging (default: $NFP_ADMIN_KEY, else a fresh "
                       "random key, printed)")
@@ -60,6 +68,25 @@ class Config(CommandConfig):
     signing_key: Path | None
     audit: bool
     admin_key: str | None
+    no_query_memory: bool = False
+    query_capacity: int | None = None
+    query_threshold: int | None = None
+
+
+def query_memory(out: Path, capacity: int | None, threshold: int | None):
+    """The served query memory's knobs: the calibrated ones (``<out>/query_memory.json``, else the defaults)
+    with ``capacity`` and ``threshold`` where given; None (the writer's choice) where neither is."""
+    import json
+
+    from kernels.query_memory import QueryMemoryConfig
+    from model_repository.writer import QUERY_MEMORY
+
+    if capacity is None and threshold is None:
+        return None
+    path = out / QUERY_MEMORY
+    knobs = json.loads(path.read_text())["config"] if path.is_file() else {}
+    return QueryMemoryConfig(**{**knobs, **{k: v for k, v in (("capacity", capacity), ("threshold", threshold))
+                                            if v is not None}})
 
 
 def run(cfg: Config, progress: bool) -> None:
@@ -71,7 +98,8 @@ def run(cfg: Config, progress: bool) -> None:
     from model_repository.writer import ServingConfig, write_repository
 
     serving = ServingConfig(false_positive_rate=cfg.fpr, fused=cfg.fused, queue_delay_us=cfg.queue_delay_us,
-                        instances=cfg.instances, audit=cfg.audit)
+                            instances=cfg.instances, audit=cfg.audit, watch_queries=not cfg.no_query_memory,
+                            query_memory=query_memory(cfg.out, cfg.query_capacity, cfg.query_threshold))
     private, public = signing_keys(cfg.out, cfg.signing_key)
     repo = write_repository(cfg.out, cfg.out / "repository" / cfg.profile, cfg.profile, serving, signing_key=private)
     print(f"model repository: {repo} (signed; public key {public})", file=sys.stderr)

@@ -28,11 +28,14 @@ import numpy as np
 from client.grpc_client import ENSEMBLE, DetectorClient
 from kernels.errors import InvalidInputError
 
-CAMPAIGN_ATTACKS = {  # ART's parameters, query budgets sized for a CPU server
-    "SquareAttack": {"norm": np.inf, "eps": 0.3, "max_iter": 300, "p_init": 0.8, "nb_restarts": 1},
-    "HopSkipJump": {"norm": 2, "max_iter": 10, "max_eval": 200, "init_eval": 20, "init_size": 20},
-    "BoundaryAttack": {"targeted": False, "max_iter": 200, "num_trial": 10, "sample_size": 10, "init_size": 20,
-                       "delta": 0.01, "epsilon": 0.01},
+CAMPAIGN_ATTACKS = {  # label: (ART's class, its parameters); query budgets sized for a CPU server
+    "SquareAttack-eps0.3": ("SquareAttack", {"norm": np.inf, "eps": 0.3, "max_iter": 300, "p_init": 0.8,
+                                              "nb_restarts": 1}),
+    "SquareAttack-eps0.15": ("SquareAttack", {"norm": np.inf, "eps": 0.15, "max_iter": 300, "p_init": 0.8,
+                                               "nb_restarts": 1}),
+    "HopSkipJump": ("HopSkipJump", {"norm": 2, "max_iter": 10, "max_eval": 200, "init_eval": 20, "init_size": 20}),
+    "BoundaryAttack": ("BoundaryAttack", {"targeted": False, "max_iter": 200, "num_trial": 10, "sample_size": 10,
+                                          "init_size": 20, "delta": 0.01, "epsilon": 0.01}),
 }
 L2_BUDGET = 3.0  # a minimal-perturbation attack (HopSkipJump, BoundaryAttack) succeeds once within it (MNIST CW-L2: ~2.3)
 REPEAT_SHARE = 0.1  # of the benign stream's images sent a second time
@@ -114,8 +117,10 @@ def benign_stream(client: DetectorClient, images: np.ndarray, seed: int = 0, bat
 
 
 def run_campaigns(url: str, attack: str, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                  adaptive: bool = False, seed: int = 0, progress: bool = True, model: str = ENSEMBLE) -> list[Campaign]:
-    """One campaign of ART's ``attack`` per image, through ``model`` of the server at ``url``."""
+                  adaptive: bool = False, seed: int = 0, progress: bool = True, model: str = ENSEMBLE,
+                  params: dict[str, Any] | None = None) -> list[Campaign]:
+    """One campaign of ``attack`` (a label of :data:`CAMPAIGN_ATTACKS`) per image, through ``model`` of the
+    server at ``url``; ``params`` replace its ART parameters."""
     from art.estimators.classification.blackbox import BlackBoxClassifierNeuralNetwork
     import art.attacks.evasion as evasion
     from tqdm.auto import tqdm
@@ -126,14 +131,14 @@ def run_campaigns(url: str, attack: str, images: np.ndarray, labels: np.ndarray,
     np.random.seed(seed)  # ART draws from NumPy's global generator
     campaigns = []
     with DetectorClient(url, model) as client:
+        art_class, default_params = CAMPAIGN_ATTACKS[attack]
         box = ServedBlackBox(client, transform=random_transform(rng) if adaptive else None,
-                             budget=None if attack == "SquareAttack" else L2_BUDGET)
+                             budget=None if art_class == "SquareAttack" else L2_BUDGET)
         estimator = BlackBoxClassifierNeuralNetwork(box, images.shape[1:], num_classes, clip_values=(0.0, 1.0))
         for x, y in tqdm(list(zip(images, labels)), desc=f"{attack}{' adaptive' if adaptive else ''}",
                          unit="campaign", disable=not progress):
             box.campaign, box.source, box.label = Campaign(), x, int(y)
-            params = dict(CAMPAIGN_ATTACKS[attack])
-            getattr(evasion, attack)(estimator, verbose=False, **params).generate(x[None], y=np.eye(num_classes)[[y]])
+            getattr(evasion, art_class)(estimator, verbose=False, **(params or default_params)).generate(x[None], y=np.eye(num_classes)[[y]])
             campaigns.append(box.campaign)
     return campaigns
 
@@ -195,8 +200,8 @@ def campaign_study(ws, url: str, count: int = 50, attacks: tuple[str, ...] = tup
     out.mkdir(exist_ok=True)
     (out / "campaigns.md").write_text(f"# Query-based attackers against the query memory\n\n{table}")
     files = [ws.write_json(out / "campaigns.json", {"benign": benign, "attacks": rows, "images": idx.tolist(),
-                                                    "params": {k: {kk: str(vv) for kk, vv in v.items()}
-                                                               for k, v in CAMPAIGN_ATTACKS.items()},
+                                                    "params": {k: [a, {kk: str(vv) for kk, vv in p.items()}]
+                                                               for k, (a, p) in CAMPAIGN_ATTACKS.items()},
                                                     "l2_budget": L2_BUDGET}), out / "campaigns.md"]
     ws.record("campaigns", {"count": count, "attacks": list(attacks), "adaptive": adaptive, "seed": seed,
                             "model": model}, files, started)

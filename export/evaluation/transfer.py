@@ -130,8 +130,8 @@ def family_sets(ws: Workspace, images: int, seed: int, progress: bool
 
 def transfer_study(ws: Workspace, seed: int = 1, images: int = FAMILY_IMAGES, progress: bool = True) -> dict[str, Any]:
     """The default's shape with banks from: the L-inf family alone (the served default), each family
-    alone, all families but one (leave one family out) and all families; every design measured on every
-    family's test attacks. Writes ``report/transfer.{json,md}``."""
+    alone, all families but one (leave one family out), all families, and two banks (L-inf, CW-L2) voting
+    apart; every design measured on every family's test attacks. Writes ``report/transfer.{json,md}``."""
     started = time.time()
     bank_data, tests, family_of = family_sets(ws, images, seed, progress)
     _, _, meta = load_prepared(ws)
@@ -140,26 +140,32 @@ def transfer_study(ws: Workspace, seed: int = 1, images: int = FAMILY_IMAGES, pr
     clean = Observations(fit_meta["label"], acts=fit_acts)
     paper, _ = workspace_squeezing(ws)
 
-    def default_shape(families: tuple[str, ...]) -> Detector:
+    def vote(families: tuple[str, ...]) -> Detector:
         attacked = _concat([bank_data[f] for f in families])
-        vote = FingerprintDetector(draws=RandomDraws(DEFAULT_M), method="vote").fit(clean, attacked, SearchConfig(),
-                                                                                   num_classes)
-        members: dict[str, Detector] = {"vote": vote, "margin": LogitMargin()}
+        return FingerprintDetector(draws=RandomDraws(DEFAULT_M), method="vote").fit(clean, attacked, SearchConfig(),
+                                                                                    num_classes)
+
+    def default_shape(*banks: tuple[str, ...]) -> Detector:
+        """min-p of one vote per bank (each from the families given), the margin and squeezing."""
+        members: dict[str, Detector] = {f"vote {'+'.join(b)}": vote(b) for b in banks}
+        members["margin"] = LogitMargin()
         if paper is not None:
             members["squeeze"] = FeatureSqueezing(paper.logits_of, paper.squeezers)
         return PValueFusion(members)
 
     names = list(bank_data)
-    seen = {"default (bank: L-inf)": ("L-inf",)}
-    seen.update({f"bank: {f} only": (f,) for f in names if f != "L-inf"})
-    seen.update({f"bank: all but {f}": tuple(g for g in names if g != f) for f in names})
-    seen["bank: all families"] = tuple(names)
+    designs: dict[str, tuple[tuple[str, ...], ...]] = {"default (bank: L-inf)": (("L-inf",),)}
+    designs.update({f"bank: {f} only": ((f,),) for f in names if f != "L-inf"})
+    designs.update({f"bank: all but {f}": (tuple(g for g in names if g != f),) for f in names})
+    designs["bank: all families"] = (tuple(names),)
+    designs["two banks, L-inf and CW-L2, one vote each"] = (("L-inf",), ("CW-L2",))
     sets, _ = evaluation_sets(ws, [])
     from tqdm.auto import tqdm
 
     rows = {}
-    for design, families in tqdm(seen.items(), desc="transfer", unit="design", disable=not progress):
-        rows[design] = {**measure(default_shape(families), sets, tests, seed), "bank_families": list(families)}
+    for design, banks in tqdm(designs.items(), desc="transfer", unit="design", disable=not progress):
+        rows[design] = {**measure(default_shape(*banks), sets, tests, seed),
+                        "bank_families": sorted({f for b in banks for f in b})}
     table = markdown(rows, tests, family_of, len(sets["test"]))
     out = ws.root / "report"
     out.mkdir(exist_ok=True)

@@ -46,15 +46,17 @@ def test_a_fingerprint_is_the_largest_distinct_window_hashes_a_per_window_loop_c
 
 
 def test_the_table_finds_the_same_best_match_as_comparing_every_pair_of_fingerprints(mnist_subset):
-    """The bucketed table against the slow reference: the largest intersection of a query's fingerprint
-    with any earlier one's, on real digits and near-copies interleaved."""
+    """Both ways of matching against the slow reference, the largest intersection of a query's fingerprint
+    with any earlier one's, on real digits and near-copies interleaved: a whole stream as one batch
+    (matched among its own images) and image by image (matched in the table)."""
     x, _ = mnist_subset
     stream = np.concatenate([x[:40], patch_campaign(x[0], 10), x[40:60], patch_campaign(x[5], 10, seed=1)])
-    memory = QueryMemory(QueryMemoryConfig(capacity=1000, threshold=20, ways=64), key=5)
-    _, matches = memory.observe(stream)
-    sets = [set(int(h) for h in fp if h) for fp in QueryMemory(memory.config, key=5).fingerprints(stream)]
+    config = QueryMemoryConfig(capacity=1000, threshold=20, ways=64)
+    sets = [set(int(h) for h in fp if h) for fp in QueryMemory(config, key=5).fingerprints(stream)]
     expected = [max((len(sets[i] & sets[j]) for j in range(i)), default=0) for i in range(len(stream))]
-    assert matches.tolist() == expected
+    assert QueryMemory(config, key=5).observe(stream)[1].tolist() == expected  # one batch: matched among itself
+    one_by_one = QueryMemory(config, key=5)
+    assert [one_by_one.observe(image[None])[1][0] for image in stream] == expected  # image by image: the table
 
 
 def test_a_campaign_of_near_copies_is_flagged_from_its_second_query_and_distinct_digits_are_not(mnist_subset):
@@ -110,12 +112,15 @@ def test_the_hash_key_is_secret_and_fresh_per_memory(mnist_subset):
 
 
 def test_calibration_picks_the_smallest_threshold_that_flags_at_most_the_rate(mnist_subset):
-    x, _ = mnist_subset
-    config, measured = calibrated(QueryMemoryConfig(), x, rate=0.01, seed=3)
-    order = np.random.default_rng(3).permutation(len(x))
-    _, matches = QueryMemory(config, key=3).observe(x[order])
+    x = mnist_subset[0][::3]
+    config, measured = calibrated(QueryMemoryConfig(), x, rate=0.01, seed=3, orders=2)
+    rng, matches = np.random.default_rng(3), []
+    for i in range(2):  # the same orders and keys, one image per call
+        order, memory = rng.permutation(len(x)), QueryMemory(config, key=3 + i)
+        matches += [memory.observe(x[j][None])[1][0] for j in order]
+    matches = np.array(matches)
     assert (matches >= config.threshold).mean() <= 0.01 < (matches >= config.threshold - 1).mean()
-    assert measured["realized"] == (matches >= config.threshold).mean() and measured["queries"] == len(x)
+    assert measured["realized"] == (matches >= config.threshold).mean() and measured["queries"] == 2 * len(x)
 
 
 @pytest.mark.parametrize("knobs, problem", [

@@ -1,0 +1,55 @@
+"""The served query memory against real query-based attacks: ART's HopSkipJump sends its queries to a
+real Triton server over gRPC and is flagged within a few queries, on both served models; a benign
+stream of different digits, natural repeats included, is not flagged."""
+import numpy as np
+import pytest
+
+from client.grpc_client import DetectorClient
+from client.metrics import detector_counters
+from export.evaluation.query_campaigns import benign_stream, run_campaigns, summarize
+from model_repository.server import TritonServer
+from model_repository.writer import ServingConfig, write_repository
+
+GUARDED = {"guarded_classifier": "fingerprint_detector", "guarded_classifier_fused": "guarded_classifier_fused"}
+SHORT_HSJ = {"norm": 2, "max_iter": 2, "max_eval": 40, "init_eval": 10, "init_size": 10}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    out, _ = tiny_run
+    assert (out / "query_memory.json").is_file()  # `nfp calibrate` of the main job calibrated its threshold
+    repo = write_repository(out, tmp_path_factory.mktemp("repo") / "cpu", "cpu", ServingConfig(fused=True))
+    with TritonServer(repo) as server:
+        yield server
+
+
+@pytest.mark.parametrize("model", GUARDED)
+def test_a_benign_stream_with_natural_repeats_is_not_flagged(server, model, mnist):
+    with DetectorClient(server.grpc_url, model) as client:
+        before = detector_counters(server.metrics_url, GUARDED[model])
+        benign = benign_stream(client, mnist.x[-300:], seed=1, batch=8)
+        after = detector_counters(server.metrics_url, GUARDED[model])
+    assert benign["distinct"] == 300 and benign["repeats"] == 30
+    assert benign["flagged_distinct"] == 0 and benign["flagged_repeats"] == 0
+    assert after["nfp_queries_total"] - before["nfp_queries_total"] == benign["queries"]
+    assert after["nfp_query_flagged_total"] == before["nfp_query_flagged_total"]
+
+
+@pytest.mark.parametrize("model", GUARDED)
+def test_a_real_hopskipjump_campaign_through_the_server_is_flagged_within_a_few_queries(server, model, mnist):
+    x, y = mnist.x[:2], mnist.y[:2]
+    before = detector_counters(server.metrics_url, GUARDED[model])
+    campaigns = run_campaigns(server.grpc_url, "HopSkipJump", x, y, 10, model=model, progress=False,
+                              params=SHORT_HSJ)
+    after = detector_counters(server.metrics_url, GUARDED[model])
+    summary = summarize(campaigns)
+    assert all(c.queries > 50 for c in campaigns)  # real campaigns: ART's own queries, counted by the server
+    assert summary["flagged"] == 1.0 and summary["max_queries_to_first_flag"] <= 50, campaigns
+    assert after["nfp_queries_total"] - before["nfp_queries_total"] == sum(c.queries for c in campaigns)
+    assert after["nfp_query_flagged_total"] - before["nfp_query_flagged_total"] == sum(c.flags for c in campaigns)
+
+
+def test_a_server_written_without_a_query_memory_answers_no_query_flagged(tiny_run, tmp_path, mnist):
+    repo = write_repository(tiny_run[0], tmp_path / "cpu", "cpu", ServingConfig(watch_queries=False))
+    with TritonServer(repo) as server, DetectorClient(server.grpc_url) as client:
+        assert client.detect(np.repeat(mnist.x[:1], 3, axis=0)).query_flagged is None
