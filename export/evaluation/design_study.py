@@ -11,6 +11,8 @@ evaluation attack (TPR at the threshold, ROC AUC). Nothing is chosen on the test
   (vote, clean likelihood);
 - baselines: logit margin, maximum softmax probability, Mahalanobis on the last layer, gray pixels,
   feature squeezing (Xu, Evans & Qi, 2018; not for an imported model, whose graph has no squeezed copies);
+- a second view (:class:`SqueezedViewChange`): fingerprints over the change of the activations when the
+  input is squeezed, alone and fused with the default;
 - fusions of fingerprints and baselines by clean p-values (:class:`kernels.detector.PValueFusion`); the
   first of them is what ``nfp calibrate`` serves by default.
 
@@ -72,6 +74,37 @@ def layer_stratified_bank(clean: Observations, attacked: Observations, layout: A
     return Bank.from_fingerprints(merged, layout.num_neurons)
 
 
+class SqueezedViewChange(Detector):
+    """Fingerprints over a second view of the input: the change of its activations when it is squeezed,
+    ``acts(squeeze(x)) - acts(x)`` (Bahat, Irani & Shakhnarovich, 2019: a correct prediction is invariant
+    to such transforms, an adversarial one less so), searched and voted like the default's fingerprints.
+    Offline only: the served graph returns the squeezed copies' logits, not their activations (one more
+    output of 3B x D values)."""
+
+    name = "view-change"
+    randomized = True
+
+    def __init__(self, squeezer, activations_of: Callable[[np.ndarray], np.ndarray], m: int = DEFAULT_M) -> None:
+        self.squeezer, self.activations_of = squeezer, activations_of
+        self.inner = FingerprintDetector(draws=RandomDraws(m), method="vote")
+        self.draw_size, self._views = m, {}
+        super().__init__()
+
+    def view(self, obs: Observations) -> Observations:
+        key = id(obs.need("images", self.name))  # each set's view is computed once per study design
+        if key not in self._views:
+            self._views[key] = (obs.images, self.activations_of(self.squeezer(obs.images)) - obs.acts)
+        return Observations(obs.labels, acts=self._views[key][1])
+
+    def fit(self, clean: Observations, attacked: Observations, config: SearchConfig | None = None,
+            num_classes: int | None = None) -> "SqueezedViewChange":
+        self.inner.fit(self.view(clean), self.view(attacked), config or SearchConfig(), num_classes)
+        return self
+
+    def raw_scores(self, obs: Observations, rng: np.random.Generator | None = None):
+        return self.inner.raw_scores(self.view(obs), rng)
+
+
 def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dict[str, Callable[[], Detector]]:
     """Name -> a function building that design's (uncalibrated) detector from the fit split."""
     _, _, meta = load_prepared(ws)
@@ -102,10 +135,26 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
 
     paper, _ = workspace_squeezing(ws)  # the paper's squeezers; None for an imported model: no such designs
     squeeze = lambda: FeatureSqueezing(paper.logits_of, paper.squeezers)  # noqa: E731 (a fresh one per design)
+
+    def view_change():
+        from export.models.activations import capture_activations
+        from export.models.classifier import load_classifier
+
+        model, ds = load_classifier(ws), load_prepared(ws)[0]
+        train = ws.load_npz(ws.attacks / "train.npz", "attack")
+        detector = SqueezedViewChange(paper.squeezers[0], lambda x: capture_activations(model, x, layout.layers,
+                                                                                         progress=False)[0], m)
+        return detector.fit(Observations(clean.labels, acts=clean.acts, images=ds.x[fit_meta["source"]]),
+                            Observations(attacked.labels, acts=attacked.acts, images=train["x_adv"][train["success"]]),
+                            SearchConfig(candidates=candidates), num_classes)
+
     squeezing = {} if paper is None else {
         "default: min-p(fingerprints k=1 vote, margin, feature squeezing)": fuse(
             vote=fingerprints(method="vote"), margin=LogitMargin, squeeze=squeeze),
         "min-p(fingerprints k=1 vote, feature squeezing)": fuse(vote=fingerprints(method="vote"), squeeze=squeeze),
+        "second view: vote over the activations' change under the first squeezer": view_change,
+        "min-p(vote, second-view vote, margin, feature squeezing)": fuse(
+            vote=fingerprints(method="vote"), view=view_change, margin=LogitMargin, squeeze=squeeze),
     }
     return {
         **squeezing,

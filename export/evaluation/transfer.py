@@ -30,6 +30,7 @@ from export.data.artifacts import load_activation_set, load_prepared
 from export.data.workspace import Workspace
 from export.evaluation.design_study import FPR, evaluation_sets, measure
 from kernels.baselines import LogitMargin
+from kernels.errors import InvalidInputError
 from kernels.detector import DEFAULT_M, Detector, FingerprintDetector, Observations, PValueFusion, RandomDraws
 from kernels.fingerprint_search import SearchConfig
 from kernels.squeezing import FeatureSqueezing
@@ -132,6 +133,8 @@ def transfer_study(ws: Workspace, seed: int = 1, images: int = FAMILY_IMAGES, pr
     """The default's shape with banks from: the L-inf family alone (the served default), each family
     alone, all families but one (leave one family out), all families, and two banks (L-inf, CW-L2) voting
     apart; every design measured on every family's test attacks. Writes ``report/transfer.{json,md}``."""
+    if images < 2:
+        raise InvalidInputError(f"each family's attacks need at least 2 images, got {images}")
     started = time.time()
     bank_data, tests, family_of = family_sets(ws, images, seed, progress)
     _, _, meta = load_prepared(ws)

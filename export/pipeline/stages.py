@@ -253,10 +253,11 @@ def calibrate(ws: Workspace, m: int = DEFAULT_M, fprs: Sequence[float] = DEFAULT
 
 def calibrate_query_memory(ws: Workspace, rate: float = QUERY_FLAG_RATE, seed: int = 0) -> Path:
     """The served query memory's threshold (:func:`kernels.query_memory.calibrated`): the smallest that flags
-    at most ``rate`` of the calibration split's clean images sent as a stream; ``query_memory.json``, which
-    the repository writer reads."""
+    at most ``rate`` of the fit and calibration splits' clean images sent as a stream (the most a clean
+    image shares with an earlier one grows with the stream, so the longest clean stream short of the test
+    split, which measures it); ``query_memory.json``, which the repository writer reads."""
     ds, splits, _ = load_prepared(ws)
-    config, measured = calibrated(QueryMemoryConfig(), ds.x[splits.calibration], rate, seed)
+    config, measured = calibrated(QueryMemoryConfig(), ds.x[np.r_[splits.fit, splits.calibration]], rate, seed)
     return ws.write_json(ws.root / QUERY_MEMORY, {"config": config.to_json(), "calibration": measured})
 
 

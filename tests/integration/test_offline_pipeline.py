@@ -191,8 +191,9 @@ def test_whitebox_command_attacks_every_defence_at_every_eps(tiny_run, tmp_path,
 
 
 def test_the_design_study_and_the_transfer_study_measure_every_design_on_every_attack(tiny_run, tmp_path):
-    """`nfp study` (--only keeps it short) and `nfp study --transfer`: every row has a realized clean FPR
-    and a TPR and AUC per attack; the transfer study adds the black-box attack no bank saw."""
+    """`nfp study` (--only keeps it short) and `nfp study --transfer` (leave one family out, on a few
+    images per family): every row has a realized clean FPR and a TPR and AUC per attack; the transfer
+    study marks the families each design's bank never saw and adds the black-box attack no bank saw."""
     import shutil
 
     out = tmp_path / "run"
@@ -200,9 +201,15 @@ def test_the_design_study_and_the_transfer_study_measure_every_design_on_every_a
     assert main(["study", "--out", str(out), "--quiet", "--only", "vote"]) == 0
     study = json.loads((out / "report" / "study.json").read_text())["designs"]
     assert len(study) >= 3 and all("vote" in name for name in study)
-    assert main(["study", "--out", str(out), "--quiet", "--transfer"]) == 0
-    transfer = json.loads((out / "report" / "transfer.json").read_text())["designs"]
-    assert "vote, bank from DeepFool" in transfer and "default: min-p(vote L-inf bank, margin)" in transfer
+    assert main(["study", "--out", str(out), "--quiet", "--transfer", "--family-images", "12"]) == 0
+    report = json.loads((out / "report" / "transfer.json").read_text())
+    transfer, family_of = report["designs"], report["family_of"]
+    assert transfer["default (bank: L-inf)"]["bank_families"] == ["L-inf"]
+    assert {f"bank: all but {f}" for f in ("L-inf", "DeepFool", "EAD (L1)")} <= set(transfer)
+    unseen = [k for k in family_of if family_of[k] != "L-inf"]
+    table = (out / "report" / "transfer.md").read_text()
+    default_row = next(line for line in table.splitlines() if line.startswith("| default (bank: L-inf)"))
+    assert default_row.count("*") == len(unseen)  # every column of another family is marked unseen
     for rows in (study, transfer):
         for name, row in rows.items():
             assert 0 <= row["clean_fpr"] <= 0.2, name
