@@ -1,7 +1,9 @@
 """The main job's last step: call a served guarded classifier with held-out images.
 
 Sends clean test images and successful evaluation attacks over gRPC, then prints served
-accuracy, detection rate and false-positive rate at the calibrated threshold, and the batch-1
+accuracy, detection rate and false-positive rate at the calibrated threshold, the share the server's
+query memory flagged as near-copies of earlier queries (an attacked image is a near-copy of its clean
+original when the perturbation is small and the original was sent first, as here), and the batch-1
 latency the client saw.
 """
 from __future__ import annotations
@@ -24,10 +26,10 @@ def run_demo(url: str, x: np.ndarray, y: np.ndarray, attacked: dict[str, np.ndar
     report: dict[str, Any] = {}
     with DetectorClient(url) as client:
         def served(images: np.ndarray):
-            """Labels, verdicts and checked flags (-1 / False where a whole request was refused), and
-            the number of refused requests."""
-            labels, flagged, checked, refused = (np.full(len(images), -1), np.zeros(len(images), bool),
-                                                 np.zeros(len(images), bool), 0)
+            """Labels, verdicts, checked flags and query-memory flags (-1 / False where a whole request
+            was refused), and the number of refused requests."""
+            labels, flagged, checked, near, refused = (np.full(len(images), -1), np.zeros(len(images), bool),
+                                                       np.zeros(len(images), bool), np.zeros(len(images), bool), 0)
             starts = range(0, len(images), batch_size)
             for start, future in zip(starts, [client.submit(images[s : s + batch_size]) for s in starts]):
                 try:
@@ -37,19 +39,24 @@ def run_demo(url: str, x: np.ndarray, y: np.ndarray, attacked: dict[str, np.ndar
                     continue
                 rows = slice(start, start + len(r.label))
                 labels[rows], flagged[rows], checked[rows] = r.label, r.is_attacked, r.checked
-            return labels, flagged, checked, refused
+                if r.query_flagged is not None:
+                    near[rows] = r.query_flagged
+            return labels, flagged, checked, near, refused
 
-        labels, flagged, checked, refused = served(x)
-        answered = labels >= 0
-        report["clean test"] = {"images": int(answered.sum()), "unchecked": int((answered & ~checked).sum()),
-                                "refused_requests": refused,
-                                "accuracy": float((labels[answered] == y[answered]).mean()),
-                                "flagged": float(flagged[answered].mean())}
-        for name, adv in tqdm(attacked.items(), desc="demo", unit="attack", disable=not progress):
-            labels, flagged, checked, refused = served(adv)
+        def summary(images: np.ndarray) -> dict[str, Any]:
+            labels, flagged, checked, near, refused = served(images)
             answered = labels >= 0
-            report[name] = {"images": int(answered.sum()), "unchecked": int((answered & ~checked).sum()),
-                            "refused_requests": refused, "flagged": float(flagged[answered].mean())}
+            return {"images": int(answered.sum()), "unchecked": int((answered & ~checked).sum()),
+                    "refused_requests": refused, "flagged": float(flagged[answered].mean()),
+                    "query_flagged": float(near[answered].mean()), "labels": labels, "answered": answered}
+
+        clean = summary(x)
+        labels, answered = clean.pop("labels"), clean.pop("answered")
+        report["clean test"] = {**clean, "accuracy": float((labels[answered] == y[answered]).mean())}
+        for name, adv in tqdm(attacked.items(), desc="demo", unit="attack", disable=not progress):
+            r = summary(adv)
+            del r["labels"], r["answered"]
+            report[name] = r
         times = []
         for i in range(latency_requests + 1):  # the first is a warm-up
             start = time.perf_counter()
@@ -66,14 +73,16 @@ def run_demo(url: str, x: np.ndarray, y: np.ndarray, attacked: dict[str, np.ndar
 
 def format_report(report: dict[str, Any], fpr: float = 0.01) -> str:
     lines = [f"Served by Triton over gRPC (threshold calibrated for {fpr:.0%} false positives):", "",
-             "| images | n | not checked (never flagged) | served accuracy | flagged as attacked |",
-             "|---|---|---|---|---|"]
+             "| images | n | not checked (never flagged) | served accuracy | flagged as attacked | "
+             "query memory: near-copy of an earlier query |",
+             "|---|---|---|---|---|---|"]
     for name, r in report.items():
         if name == "latency_ms":
             continue
         acc = f"{r['accuracy']:.3f}" if "accuracy" in r else ""
         what = "false-positive rate" if name == "clean test" else "detection rate"
-        lines.append(f"| {name} | {r['images']} | {r['unchecked']} | {acc} | {r['flagged']:.3f} ({what}) |")
+        lines.append(f"| {name} | {r['images']} | {r['unchecked']} | {acc} | {r['flagged']:.3f} ({what}) | "
+                     f"{r['query_flagged']:.3f} |")
     lat = report["latency_ms"]
     lines += ["", f"batch-1 latency over {lat['requests']} sequential requests: p50 {lat['p50']:.2f} ms, "
                   f"p99 {lat['p99']:.2f} ms"]

@@ -70,17 +70,24 @@ class Mahalanobis(Detector):
     Args:
         neurons: which activation columns (e.g. one layer's slice of the layout); default all.
         ridge: added to the covariance's diagonal, relative to its mean variance.
+        channels: the columns are a ``(channels, H, W)`` feature map: each channel's mean is the feature
+            (Lee et al.'s pooling of convolutional layers).
     """
 
     name = "mahalanobis"
 
-    def __init__(self, neurons: slice | None = None, ridge: float = 1e-6, **kwargs) -> None:
+    def __init__(self, neurons: slice | None = None, ridge: float = 1e-6, channels: int | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
-        self.neurons, self.ridge = neurons if neurons is not None else slice(None), ridge
+        self.neurons, self.ridge, self.channels = neurons if neurons is not None else slice(None), ridge, channels
         self.means = self.precision = None
 
+    def features(self, obs: Observations) -> np.ndarray:
+        x = np.asarray(obs.need("acts", self.name))[:, self.neurons].astype(np.float64)
+        return x if self.channels is None else x.reshape(len(x), self.channels, -1).mean(axis=2)
+
     def fit(self, clean: Observations, attacked: Observations | None = None) -> "Mahalanobis":
-        x = np.asarray(clean.need("acts", self.name))[:, self.neurons].astype(np.float64)
+        x = self.features(clean)
         y = np.asarray(clean.labels, np.int64)
         classes = int(y.max()) + 1
         self.means, self.seen = np.zeros((classes, x.shape[1])), np.zeros(classes, bool)
@@ -104,6 +111,6 @@ class Mahalanobis(Detector):
         known = labels < len(self.means)
         known[known] = self.seen[labels[known]]
         scores = np.full(len(labels), np.nan)
-        d = np.asarray(obs.need("acts", self.name))[known][:, self.neurons].astype(np.float64) - self.means[labels[known]]
+        d = self.features(obs)[known] - self.means[labels[known]]
         scores[known] = -np.einsum("ij,jk,ik->i", d, self.precision, d)
         return scores, known, np.zeros((len(labels), 0), np.int64)

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 from export.models.activations import ActivationLayout
 from export.bank.calibrate import workspace_squeezing
-from export.evaluation.report import UNCHECKED_Z
+from export.evaluation.report import UNCHECKED_Z, layered_mahalanobis
 from export.data.artifacts import load_activation_set, load_prepared
 from export.data.workspace import Workspace
 from kernels.bank import Bank
@@ -181,6 +181,7 @@ def designs(ws: Workspace, m: int = DEFAULT_M, candidates: int = 100_000) -> dic
         "baseline: logit margin": LogitMargin,
         "baseline: max softmax": MaxSoftmax,
         "baseline: Mahalanobis (last layer)": mahalanobis,
+        "baseline: Mahalanobis, every layer (Lee et al. 2018; Fisher's sum)": lambda: layered_mahalanobis(layout, clean),
         "baseline: gray pixels": GrayPixels,
         **({"baseline: feature squeezing (Xu et al. 2018)": squeeze} if paper is not None else {}),
     }

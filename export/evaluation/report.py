@@ -24,7 +24,7 @@ from export.models.activations import ActivationLayout
 from export.models.classifier import load_classifier, predict
 from kernels.bank import Bank
 from kernels.baselines import GrayPixels, LogitMargin, Mahalanobis, MaxSoftmax
-from kernels.detector import Detector, FingerprintDetector, Observations
+from kernels.detector import Detector, FingerprintDetector, Observations, PValueFusion
 from kernels.served import served_detector
 from kernels.squeezing import FeatureSqueezing, default_squeezers, observed
 
@@ -188,6 +188,16 @@ def plot_roc(curves: dict[str, dict], path: Path, operating_fpr: float = 0.01) -
     plt.close(fig)
 
 
+def layered_mahalanobis(layout: ActivationLayout, clean: Observations) -> PValueFusion:
+    """Lee et al. (2018)'s multi-layer Mahalanobis score without input pre-processing: one class-conditional
+    Gaussian (tied covariance) per captured layer, convolutional feature maps averaged per channel, the
+    layers' clean p-values combined by Fisher's sum (where Lee et al. fit a logistic regression on attacks,
+    which would make it a detector that has seen the attack)."""
+    return PValueFusion({s.name: Mahalanobis(slice(s.offset, s.offset + s.size),
+                                             channels=s.shape[0] if len(s.shape) == 3 else None).fit(clean)
+                         for s in layout.slices}, "fisher")
+
+
 def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -> tuple[dict[str, Detector], int]:
     """The served detector (the fusion), its members alone, and the baselines side by side, each
     calibrated on the clean calibration split at the served detector's rates; and the draw size."""
@@ -201,9 +211,10 @@ def evaluation_detectors(ws: Workspace, bank: Bank, calibration: Observations) -
     fit_acts, fit_meta = load_activation_set(ws, "fit_clean", mmap=False)
     last = layout.slices[-1]  # the last captured layer: the logits for the built-in models
     ds, _, _ = load_prepared(ws)
+    clean = Observations(fit_meta["label"], acts=fit_acts)
     baselines = {"msp": MaxSoftmax(), "gray_pixels": GrayPixels(),
-                 "mahalanobis": Mahalanobis(slice(last.offset, last.offset + last.size)).fit(
-                     Observations(fit_meta["label"], acts=fit_acts))}
+                 "mahalanobis": Mahalanobis(slice(last.offset, last.offset + last.size)).fit(clean),
+                 "mahalanobis_layers": layered_mahalanobis(layout, clean)}
     if "margin" not in detectors:
         baselines["margin"] = LogitMargin()
     if "squeeze" not in detectors:  # Xu, Evans & Qi (2018), the paper's squeezers for these images

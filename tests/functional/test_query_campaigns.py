@@ -53,3 +53,20 @@ def test_a_server_written_without_a_query_memory_answers_no_query_flagged(tiny_r
     repo = write_repository(tiny_run[0], tmp_path / "cpu", "cpu", ServingConfig(watch_queries=False))
     with TritonServer(repo) as server, DetectorClient(server.grpc_url) as client:
         assert client.detect(np.repeat(mnist.x[:1], 3, axis=0)).query_flagged is None
+
+
+def test_the_campaigns_command_serves_attacks_and_reports_them(tiny_run, tmp_path, capsys):
+    """`nfp campaigns`: its own signed server, the benign stream, then each attack's campaigns."""
+    import json
+    import shutil
+
+    from export.cli import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    assert main(["campaigns", "--out", str(out), "--count", "2", "--attacks", "BoundaryAttack", "--no-adaptive",
+                 "--quiet"]) == 0
+    report = json.loads((out / "report" / "campaigns.json").read_text())
+    assert list(report["attacks"]) == ["BoundaryAttack"] and report["attacks"]["BoundaryAttack"]["campaigns"] == 2
+    assert report["benign"]["distinct"] > 0
+    assert "| BoundaryAttack | 2 |" in capsys.readouterr().out

@@ -33,6 +33,20 @@ def test_mahalanobis_is_the_distance_to_the_predicted_class_mean_under_the_poole
     assert checked.all() and draws.shape == (5, 0)
 
 
+def test_mahalanobis_on_a_feature_map_uses_each_channels_mean_pixel_by_pixel():
+    """Lee et al.'s pooling of a convolutional layer: a (channels, H, W) slice of the activations becomes
+    one mean per channel, computed here with a loop over channels, then the same distance."""
+    rng = np.random.default_rng(4)
+    maps = rng.normal(size=(300, 3, 2, 2)).astype(np.float32) + np.arange(3)[None, :, None, None]
+    acts = np.concatenate([rng.normal(size=(300, 5)), maps.reshape(300, -1)], axis=1).astype(np.float32)
+    y = rng.integers(0, 2, 300)
+    pooled = np.stack([[maps[i, ch].astype(np.float64).sum() / 4 for ch in range(3)] for i in range(300)])
+    want = Mahalanobis(ridge=0).fit(Observations(y, acts=pooled.astype(np.float32)))
+    got = Mahalanobis(slice(5, 17), ridge=0, channels=3).fit(Observations(y, acts=acts))
+    np.testing.assert_allclose(got.raw_scores(Observations(y[:7], acts=acts[:7]))[0],
+                               want.raw_scores(Observations(y[:7], acts=pooled[:7].astype(np.float32)))[0], rtol=1e-5)
+
+
 def test_mahalanobis_never_flags_a_class_it_has_no_clean_data_for():
     """An ImageNet model whose clean data holds classes 0 and 2: an input predicted as 1 (between them) or
     as 7 (beyond them) has no class mean: it is not checked, as the fingerprints leave such a class."""
