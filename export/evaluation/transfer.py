@@ -165,16 +165,21 @@ def transfer_study(ws: Workspace, seed: int = 1, images: int = FAMILY_IMAGES, pr
     sets, _ = evaluation_sets(ws, [])
     from tqdm.auto import tqdm
 
-    rows = {}
+    rows, skipped = {}, {}
     for design, banks in tqdm(designs.items(), desc="transfer", unit="design", disable=not progress):
-        rows[design] = {**measure(default_shape(*banks), sets, tests, seed),
-                        "bank_families": sorted({f for b in banks for f in b})}
-    table = markdown(rows, tests, family_of, len(sets["test"]))
+        try:
+            detector = default_shape(*banks)
+        except InvalidInputError as e:  # too few rows of a family for any class's search
+            skipped[design] = str(e)
+            continue
+        rows[design] = {**measure(detector, sets, tests, seed), "bank_families": sorted({f for b in banks for f in b})}
+    table = markdown(rows, tests, family_of, len(sets["test"])) + "".join(
+        f"\nNot measured: {design}: {why}.\n" for design, why in skipped.items())
     out = ws.root / "report"
     out.mkdir(exist_ok=True)
     (out / "transfer.md").write_text(f"# Leave one attack family out\n\n{table}")
     files = [ws.write_json(out / "transfer.json", {"fpr": FPR, "seed": seed, "images": images,
-                                                   "designs": rows, "family_of": family_of,
+                                                   "designs": rows, "skipped": skipped, "family_of": family_of,
                                                    "bank_rows": {k: len(v) for k, v in bank_data.items()}}),
              out / "transfer.md"]
     ws.record("transfer", {"seed": seed, "images": images}, files, started)

@@ -201,7 +201,7 @@ def test_the_design_study_and_the_transfer_study_measure_every_design_on_every_a
     assert main(["study", "--out", str(out), "--quiet", "--only", "vote"]) == 0
     study = json.loads((out / "report" / "study.json").read_text())["designs"]
     assert len(study) >= 3 and all("vote" in name for name in study)
-    assert main(["study", "--out", str(out), "--quiet", "--transfer", "--family-images", "12"]) == 0
+    assert main(["study", "--out", str(out), "--quiet", "--transfer", "--family-images", "40"]) == 0
     report = json.loads((out / "report" / "transfer.json").read_text())
     transfer, family_of = report["designs"], report["family_of"]
     assert transfer["default (bank: L-inf)"]["bank_families"] == ["L-inf"]
