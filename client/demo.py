@@ -43,20 +43,18 @@ def run_demo(url: str, x: np.ndarray, y: np.ndarray, attacked: dict[str, np.ndar
                     near[rows] = r.query_flagged
             return labels, flagged, checked, near, refused
 
-        def summary(images: np.ndarray) -> dict[str, Any]:
+        def summary(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+            """Labels, which images were answered, and the report line of ``images``."""
             labels, flagged, checked, near, refused = served(images)
             answered = labels >= 0
-            return {"images": int(answered.sum()), "unchecked": int((answered & ~checked).sum()),
-                    "refused_requests": refused, "flagged": float(flagged[answered].mean()),
-                    "query_flagged": float(near[answered].mean()), "labels": labels, "answered": answered}
+            return labels, answered, {"images": int(answered.sum()), "unchecked": int((answered & ~checked).sum()),
+                                      "refused_requests": refused, "flagged": float(flagged[answered].mean()),
+                                      "query_flagged": float(near[answered].mean())}
 
-        clean = summary(x)
-        labels, answered = clean.pop("labels"), clean.pop("answered")
-        report["clean test"] = {**clean, "accuracy": float((labels[answered] == y[answered]).mean())}
+        labels, answered, report["clean test"] = summary(x)
+        report["clean test"]["accuracy"] = float((labels[answered] == y[answered]).mean())
         for name, adv in tqdm(attacked.items(), desc="demo", unit="attack", disable=not progress):
-            r = summary(adv)
-            del r["labels"], r["answered"]
-            report[name] = r
+            report[name] = summary(adv)[2]
         times = []
         for i in range(latency_requests + 1):  # the first is a warm-up
             start = time.perf_counter()

@@ -1,3 +1,4 @@
-"""Measuring the detector honestly: the evaluation report (:mod:`.report`), the design and transfer
-studies (:mod:`.design_study`), the clean-shift study (:mod:`.shift_study`) and the cost benchmarks
-(:mod:`.bank_cost`, :mod:`.search_benchmark`)."""
+"""Measuring the detector honestly: the evaluation report (:mod:`.report`), the design study
+(:mod:`.design_study`), leave one attack family out (:mod:`.transfer`), query-based attackers through
+the server (:mod:`.query_campaigns`), the clean-shift study (:mod:`.shift_study`) and the cost
+benchmarks (:mod:`.bank_cost`, :mod:`.search_benchmark`)."""

@@ -2,7 +2,7 @@
 
 Each campaign is one of ART's black-box attacks (SquareAttack, HopSkipJump, BoundaryAttack) on one
 correctly classified test image, whose every query is an image of a gRPC request to the served guarded
-classifier (:class:`ServedBlackBox`, an ART ``BlackBoxClassifier``); the server answers each image with
+classifier (:class:`ServedBlackBox`, behind ART's ``BlackBoxClassifierNeuralNetwork``); the server answers each image with
 its label and ``query_flagged`` (:mod:`kernels.query_memory`, Blacklight's test). Per campaign: the
 queries until the first flag, and the first query at which the attacker held a successful adversarial
 image (misclassified, and for the minimal-perturbation attacks within the L2 ``budget``). Rejecting
@@ -109,8 +109,11 @@ def benign_stream(client: DetectorClient, images: np.ndarray, seed: int = 0, bat
     first = np.zeros(len(stream), bool)
     _, where = np.unique(stream, return_index=True)
     first[where] = True
-    flagged = np.concatenate([client.detect(images[stream[i:i + batch]]).query_flagged
-                              for i in range(0, len(stream), batch)])
+    answers = [client.detect(images[stream[i:i + batch]]) for i in range(0, len(stream), batch)]
+    if answers[0].query_flagged is None:
+        raise InvalidInputError(f"{client.model} answers no query_flagged: its repository was written without a "
+                                "query memory")
+    flagged = np.concatenate([a.query_flagged for a in answers])
     return {"queries": int(len(stream)), "distinct": int(first.sum()), "repeats": int((~first).sum()),
             "flagged_distinct": int(flagged[first].sum()), "flagged_repeats": int(flagged[~first].sum()),
             "flag_rate": float(flagged[first].mean())}
@@ -138,7 +141,8 @@ def run_campaigns(url: str, attack: str, images: np.ndarray, labels: np.ndarray,
         for x, y in tqdm(list(zip(images, labels)), desc=f"{attack}{' adaptive' if adaptive else ''}",
                          unit="campaign", disable=not progress):
             box.campaign, box.source, box.label = Campaign(), x, int(y)
-            getattr(evasion, art_class)(estimator, verbose=False, **(params or default_params)).generate(x[None], y=np.eye(num_classes)[[y]])
+            attacker = getattr(evasion, art_class)(estimator, verbose=False, **(params or default_params))
+            attacker.generate(x[None], y=np.eye(num_classes)[[y]])
             campaigns.append(box.campaign)
     return campaigns
 
