@@ -415,6 +415,7 @@ def test_the_detector_step_checks_the_squeezed_copies_logits_and_keeps_serving(s
             inputs[-1].set_data_from_numpy(value)
         return client.infer("fingerprint_detector", inputs)
 
+    evidence["images"] = mnist_subset[0][:2]  # the step's query memory remembers the image too
     forged = dict(evidence, squeezed_logits=np.full_like(evidence["squeezed_logits"], np.nan))
     with pytest.raises(InferenceServerException, match="squeezed_logits hold NaN"):
         ask(forged)
