@@ -18,7 +18,8 @@ Here:
 - an exact repeat of a remembered query (the same pixels) is a policy choice, ``repeats``: ``"allow"``
   (default; a client re-sending an image learns nothing new) or ``"flag"``.
 
-:class:`QueryMemory` is what both served models run per request, image by image in arrival order.
+:class:`QueryMemory` is what both served models run on each batch of requests, its images in arrival
+order: a batch is matched at once, against the table and among its own images.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class QueryMemoryConfig:
         window: consecutive pixels (of the flattened image, channels first) per hashed window.
         quantization: pixel step on the 0-255 scale; pixels in one step hash alike (Blacklight's 50).
         hashes: largest window hashes kept per query (its fingerprint).
-        threshold: shared hashes with one remembered query that flag a query.
+        threshold: shared hashes with one remembered query that flag a query (default half of them, as
+            Blacklight; ``nfp calibrate`` sets it from clean traffic).
         repeats: an exact repeat of a remembered query: ``"allow"`` or ``"flag"``.
         ways: entries per bucket of the table.
     """

@@ -69,12 +69,12 @@ def _label(text: str, dataset: str) -> str:
 def _attacked(ws: Workspace, name: str, text: str, pool: np.ndarray, count: int, seed: int,
               progress: bool) -> Observations:
     """The successful rows of attack ``text`` on ``count`` images drawn (seeded) from ``pool``, labelled
-    with the class each lands in; cached in ``attacks/families/{name}.npz``."""
+    with the class each lands in; cached in ``attacks/families/{name}_n{count}.npz``."""
     from export.attacks.art_attacks import attack_defaults, parse_attack, run_attack
     from export.models.activations import ActivationLayout, capture_activations
     from export.models.classifier import load_classifier
 
-    path = ws.attacks / "families" / f"{name}.npz"
+    path = ws.attacks / "families" / f"{name}_n{count}.npz"
     if not path.exists():
         ds, _, meta = load_prepared(ws)
         model = load_classifier(ws)
