@@ -163,6 +163,13 @@ def model_configs(bank: Bank, contract: Contract, profile: str, cfg: ServingConf
     return configs
 
 
+def calibrated_query_memory(pipeline_out: Path) -> QueryMemoryConfig:
+    """The query memory's knobs ``nfp calibrate`` chose for a pipeline folder (``query_memory.json``), else
+    the defaults."""
+    path = Path(pipeline_out) / QUERY_MEMORY
+    return QueryMemoryConfig(**json.loads(path.read_text())["config"]) if path.is_file() else QueryMemoryConfig()
+
+
 def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
                      cfg: ServingConfig = ServingConfig(), signing_key: Path | None = None) -> Path:
     """Write a runnable repository for ``profile`` from a pipeline output folder into ``target``.
@@ -180,9 +187,8 @@ def write_repository(pipeline_out: Path, target: Path, profile: str = "cpu",
         raise InvalidInputError(f"the bank in {pipeline_out} is not calibrated and exported: run calibrate and export")
     contract = load_contract(pipeline_out)
     imported = contract is not None
-    if cfg.watch_queries and cfg.query_memory is None and (pipeline_out / QUERY_MEMORY).is_file():
-        calibrated = json.loads((pipeline_out / QUERY_MEMORY).read_text())["config"]
-        cfg = replace(cfg, query_memory=QueryMemoryConfig(**calibrated))
+    if cfg.watch_queries and cfg.query_memory is None:
+        cfg = replace(cfg, query_memory=calibrated_query_memory(pipeline_out))
     if contract is None:
         contract = default_contract(json.loads((pipeline_out / "data.json").read_text())["image_shape"], bank.num_classes)
     if signing_key is not None and Path(signing_key).resolve().is_relative_to(target.resolve()):

@@ -74,19 +74,14 @@ class Config(CommandConfig):
 
 
 def query_memory(out: Path, capacity: int | None, threshold: int | None):
-    """The served query memory's knobs: the calibrated ones (``<out>/query_memory.json``, else the defaults)
-    with ``capacity`` and ``threshold`` where given; None (the writer's choice) where neither is."""
-    import json
+    """The served query memory's knobs: the calibrated ones with ``capacity`` and ``threshold`` where given;
+    None (the writer takes the calibrated ones) where neither is."""
+    from dataclasses import replace
 
-    from kernels.query_memory import QueryMemoryConfig
-    from model_repository.writer import QUERY_MEMORY
+    from model_repository.writer import calibrated_query_memory
 
-    if capacity is None and threshold is None:
-        return None
-    path = out / QUERY_MEMORY
-    knobs = json.loads(path.read_text())["config"] if path.is_file() else {}
-    return QueryMemoryConfig(**{**knobs, **{k: v for k, v in (("capacity", capacity), ("threshold", threshold))
-                                            if v is not None}})
+    given = {k: v for k, v in (("capacity", capacity), ("threshold", threshold)) if v is not None}
+    return replace(calibrated_query_memory(out), **given) if given else None
 
 
 def run(cfg: Config, progress: bool) -> None:
