@@ -66,6 +66,14 @@ class Observations:
         return Observations(np.asarray(self.labels)[rows], pick(self.acts), pick(self.images), pick(self.logits),
                             pick(self.squeezed_logits), self.validated)
 
+    @staticmethod
+    def concat(parts: Sequence["Observations"]) -> "Observations":
+        """The rows of ``parts`` in order, host arrays; a field some part lacks is left out."""
+        def cat(field: str):
+            values = [getattr(p, field) for p in parts]
+            return None if any(v is None for v in values) else np.concatenate([np.asarray(v) for v in values])
+        return Observations(cat("labels"), cat("acts"), cat("images"), cat("logits"), cat("squeezed_logits"))
+
     def need(self, field: str, who: str):
         value = getattr(self, field)
         if value is None:

@@ -109,7 +109,7 @@ def joined(a: Observations, b: Observations | None) -> Observations:
     """Labelled activation rows of ``a`` then ``b``."""
     if b is None or not len(b):
         return a
-    return Observations(np.concatenate([a.labels, b.labels]), acts=np.concatenate([a.acts, b.acts]))
+    return Observations.concat([a, b])
 
 
 def harden(ws: Workspace, data: FitData, bank: Bank, config: SearchConfig, m: int, fpr: float, hardening: "Hardening",

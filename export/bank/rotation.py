@@ -44,9 +44,9 @@ def fresh_bank(ws: Workspace, seed: int | None = None, progress: bool = True) ->
     config = replace(SearchConfig(**current.meta["search"]), seed=secrets.randbits(63) if seed is None else seed)
     bank = searched_bank(ws, config, progress)
     cal = stages["calibrate"]["args"]
+    served = served_squeezers(current)  # the squeezed copies the served graph returns
     bank, _ = calibrated_bank(ws, bank, cal["m"], cal["fprs"], cal["seed"], cal["repeats"], progress,
-                              cal.get("confidence"), "on" if served_squeezers(current) else "off",
-                              served_squeezers(current) or None)  # the squeezed copies the served graph returns
+                              cal.get("confidence"), "on" if served else "off", served or None)
     search = {**bank.meta["search"], "seed": "secret" if seed is None else seed}
     return bank.with_meta(search=search, model_sha256=current.meta["model_sha256"], onnx=current.meta["onnx"])
 

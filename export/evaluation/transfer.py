@@ -91,11 +91,6 @@ def _attacked(ws: Workspace, name: str, text: str, pool: np.ndarray, count: int,
         return Observations(f["logits"].argmax(1), acts=f["acts"], logits=f["logits"], images=f["x_adv"])
 
 
-def _concat(parts: list[Observations]) -> Observations:
-    return Observations(np.concatenate([p.labels for p in parts]), acts=np.concatenate([p.acts for p in parts]),
-                        logits=np.concatenate([p.logits for p in parts]), images=np.concatenate([p.images for p in parts]))
-
-
 def family_sets(ws: Workspace, images: int, seed: int, progress: bool
                 ) -> tuple[dict[str, Observations], dict[str, Observations], dict[str, str]]:
     """``(bank data per family, test attacks by column, family of each column)``; each attack the pipeline
@@ -113,7 +108,7 @@ def family_sets(ws: Workspace, images: int, seed: int, progress: bool
     tests, family_of = {}, {}
     for i, fam in enumerate(FAMILIES):
         if fam.bank:
-            bank_data[fam.name] = _concat([_attacked(ws, f"fit_{_label(t, meta['dataset'])}", t, fit_pool, images,
+            bank_data[fam.name] = Observations.concat([_attacked(ws, f"fit_{_label(t, meta['dataset'])}", t, fit_pool, images,
                                                      seed + 10 * i + j, progress) for j, t in enumerate(fam.bank)])
         for t in fam.test:
             if ":" not in t:  # an evaluation attack: measured where the pipeline ran it
@@ -144,7 +139,7 @@ def transfer_study(ws: Workspace, seed: int = 1, images: int = FAMILY_IMAGES, pr
     paper, _ = workspace_squeezing(ws)
 
     def vote(families: tuple[str, ...]) -> Detector:
-        attacked = _concat([bank_data[f] for f in families])
+        attacked = Observations.concat([bank_data[f] for f in families])
         return FingerprintDetector(draws=RandomDraws(DEFAULT_M), method="vote").fit(clean, attacked, SearchConfig(),
                                                                                     num_classes)
 

@@ -88,9 +88,10 @@ class TritonPythonModel:
         if len(answered) < len(owners):
             logits, acts = np.concatenate([logits[s] for s in rows]), np.concatenate([acts[s] for s in rows])
             squeezed = None if squeezed is None else np.concatenate([squeezed[s] for s in rows])
+            batch = np.concatenate([batch[s] for s in rows])
         verdicts, kernel_s = self.detector.detect(labels, [acts], logits, squeezed)
         self.metrics.record(verdicts, labels, kernel_s)
-        flagged = None if self.watch is None else self.watch.observe(np.concatenate([batch[s] for s in rows]))
+        flagged = None if self.watch is None else self.watch.observe(batch)
         for (i, _), s, out in zip(answered, rows, response_tensors(logits, labels, verdicts, [n for _, n in answered],
                                                                     self.audit, flagged)):
             out.update({name: outputs[name][s] for name in self.originals})
