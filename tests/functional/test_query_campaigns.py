@@ -30,9 +30,12 @@ def test_a_benign_stream_with_natural_repeats_is_not_flagged(server, model, mnis
         benign = benign_stream(client, mnist.x[::16][:300], seed=1, batch=8)  # every class
         after = detector_counters(server.metrics_url, GUARDED[model])
     assert benign["distinct"] == 300 and benign["repeats"] == 30
-    assert benign["flagged_distinct"] == 0 and benign["flagged_repeats"] == 0
+    # The threshold flags 0.1% of the run's own benign stream; the server's hash key is fresh at each start,
+    # so a look-alike pair of digits is sometimes flagged (1 of 300 under 12% of keys, 2 under 1%, never 3
+    # in 200 keys), where a campaign's queries are flagged nearly all.
+    assert benign["flagged_distinct"] <= 3 and benign["flagged_repeats"] == 0
     assert after["nfp_queries_total"] - before["nfp_queries_total"] == benign["queries"]
-    assert after["nfp_query_flagged_total"] == before["nfp_query_flagged_total"]
+    assert after["nfp_query_flagged_total"] - before["nfp_query_flagged_total"] == benign["flagged_distinct"]
 
 
 @pytest.mark.parametrize("model", GUARDED)

@@ -61,7 +61,7 @@ def test_the_table_finds_the_same_best_match_as_comparing_every_pair_of_fingerpr
 
 def test_a_campaign_of_near_copies_is_flagged_from_its_second_query_and_distinct_digits_are_not(mnist_subset):
     x, _ = mnist_subset
-    memory = QueryMemory(QueryMemoryConfig(threshold=25))
+    memory = QueryMemory(QueryMemoryConfig(threshold=25), key=1)
     flagged, _ = memory.observe(x[::2])  # 300 different digits, ten classes
     assert not flagged.any()
     flagged, matches = memory.observe(np.concatenate([x[1][None], patch_campaign(x[1], 30)]))
@@ -71,7 +71,7 @@ def test_a_campaign_of_near_copies_is_flagged_from_its_second_query_and_distinct
 @pytest.mark.parametrize("policy", ["allow", "flag"])
 def test_sending_the_same_image_again_is_a_policy_choice_not_a_false_alarm(mnist_subset, policy):
     x, _ = mnist_subset
-    memory = QueryMemory(QueryMemoryConfig(repeats=policy))
+    memory = QueryMemory(QueryMemoryConfig(repeats=policy), key=2)
     flagged, matches = memory.observe(np.stack([x[3], x[4], x[3]]))
     assert matches[2] == memory.config.hashes
     assert flagged.tolist() == [False, False, policy == "flag"]
@@ -82,7 +82,7 @@ def test_sending_the_same_image_again_is_a_policy_choice_not_a_false_alarm(mnist
 
 def test_memory_is_fixed_at_start_and_forgets_queries_older_than_its_capacity(mnist_subset):
     x, _ = mnist_subset
-    memory = QueryMemory(QueryMemoryConfig(capacity=20))
+    memory = QueryMemory(QueryMemoryConfig(capacity=20), key=4)
     size = memory.nbytes
     assert size == memory.buckets * memory.config.ways * 8 + 20 * 8 >= 2 * 20 * 50 * 8
     near = patch_campaign(x[0], 1)
@@ -98,7 +98,7 @@ def test_memory_is_fixed_at_start_and_forgets_queries_older_than_its_capacity(mn
 
 def test_query_numbers_wrap_around_without_losing_a_match(mnist_subset):
     x, _ = mnist_subset
-    memory = QueryMemory(QueryMemoryConfig(capacity=50))
+    memory = QueryMemory(QueryMemoryConfig(capacity=50), key=6)
     memory.seen = 2**32 - 3
     flagged, _ = memory.observe(patch_campaign(x[7], 8))
     assert memory.seen == 2**32 + 5 and flagged[1:].all()
