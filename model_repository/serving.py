@@ -81,6 +81,7 @@ class QueryWatch:
 
     def __init__(self, pb_utils, model: str, config: QueryMemoryConfig, scale: float) -> None:
         self.memory, self.scale = QueryMemory(config), float(scale)
+        self.memory.observe(np.zeros((0, config.window), np.float32))  # compiled at load, not at the first request
         kind = pb_utils.MetricFamily
         self.families = [kind(name=name, description=text, kind=kind.COUNTER) for name, text in QUERY_METRICS]
         self.queries, self.flagged = (f.Metric(labels={"model": model}) for f in self.families)
