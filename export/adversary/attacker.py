@@ -29,6 +29,13 @@ first untargeted, then targeted into every other class in turn on the images not
 pass, with restarts and several vote temperatures; every iterate of every run is judged by its exact
 pass probability and the best one kept per image. ART has no attack with a detector term, so this
 loop is ours.
+
+Against a 1-bit squeezer, whose rounding the straight-through gradient may search badly, the attacker
+adds **bit-locked runs**: per target class, a discrete greedy search first flips pixels of the input's
+1-bit copy (only those within ``eps`` of the rounding point can flip) until the copy is classified as
+the target (:func:`greedy_flips`); then targeted PGD runs inside the part of the ball whose 1-bit copy is
+exactly those flips, so the squeezing member sees a copy already in the target class while the
+gradient moves the classifier there and the other members past their thresholds.
 """
 from __future__ import annotations
 
@@ -258,6 +265,8 @@ class AttackConfig:
             best by the independent attacker).
         temperatures: of the smoothed vote, in z-units (10 measured best; 1 much worse).
         restarts: random starts per (weight, temperature).
+        bit_lock: with ``targeted``, against a defence with a 1-bit squeezer, after the targeted runs, a
+            bit-locked run into each class (module docstring) on the images still below ``goal``.
         targeted: after the untargeted run, targeted runs into every other class, in turn, on the
             images whose best pass probability is still below ``goal`` (False: the untargeted attack only).
         goal: pass probability at which an image needs no further runs.
@@ -277,6 +286,7 @@ class AttackConfig:
     kappa: float = 10.0
     step_size: float | None = None
     seed: int = 0
+    bit_lock: bool = True
 
     def __post_init__(self):
         if not self.eps > 0 or self.steps < 1 or self.restarts < 1 or not self.weights or not self.temperatures:
@@ -314,8 +324,54 @@ def into(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -misclassification(logits, target)
 
 
-def _step(adv, x0, grad, step, eps):
-    return torch.minimum(torch.maximum(adv + step * grad.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+def _step(adv, grad, step, low, high):
+    return torch.minimum(torch.maximum(adv + step * grad.sign(), low), high)
+
+
+def greedy_flips(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                 target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flipped 1-bit copies, fooled (N,) bool)``: flip, one pixel at a time, the pixel of ``x``'s 1-bit
+    copy within ``eps`` of the rounding point whose flip most raises the best wrong logit over the true
+    class ``y`` (with ``target``: the target's logit over the best other), by the gradient at the binary
+    point, until the copy is misclassified (classified as the target) or every such pixel is flipped. A
+    greedy search is no bound: what it fools is a floor on what an attacker can do to the copy."""
+    binary = torch.round(x)
+    flippable = torch.where(binary > 0.5, x - eps <= 0.5, x + eps > 0.5)  # 0.5 itself rounds to 0
+    b, fooled = binary.clone(), torch.zeros(len(x), dtype=torch.bool)
+
+    def gain_of(z):
+        return misclassification(z, y) if target is None else into(z, target)
+
+    for _ in range(int(flippable.flatten(1).sum(1).max())):
+        b.requires_grad_(True)
+        gain = gain_of(model(b))
+        fooled |= (gain > 0).detach()
+        (grad,) = torch.autograd.grad(gain.sum(), b)
+        with torch.no_grad():
+            rise = (grad * (1 - 2 * b)).masked_fill(~flippable | (b != binary), -torch.inf).flatten(1)
+            rows = torch.nonzero(torch.isfinite(rise.max(1).values) & ~fooled).squeeze(1)
+            b = b.detach().flatten(1).clone()
+            pick = rise.argmax(1)
+            b[rows, pick[rows]] = 1 - b[rows, pick[rows]]
+            b = b.view_as(x)
+        if not len(rows):
+            break
+    with torch.no_grad():
+        fooled |= gain_of(model(b)) > 0
+    return b, fooled
+
+
+def bit_locked_box(x0: torch.Tensor, copy: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, high)``: the part of the L-inf ball of ``eps`` around ``x0`` (within [0, 1]) whose 1-bit
+    copy (``torch.round``: 0.5 rounds to 0) is ``copy``, which may differ from ``x0``'s own copy only
+    where the ball reaches the other side of 0.5 (as :func:`greedy_flips` flips)."""
+    above = torch.nextafter(torch.tensor(0.5), torch.tensor(1.0))
+    low = torch.where(copy > 0.5, torch.clamp(x0 - eps, min=above), (x0 - eps).clamp(min=0.0))
+    high = torch.where(copy > 0.5, (x0 + eps).clamp(max=1.0), torch.clamp(x0 + eps, max=0.5))
+    if (low > high).any():
+        raise InvalidInputError(f"the 1-bit copy flips a pixel farther than eps {eps} from 0.5: no image of "
+                                "the ball has it")
+    return low, high
 
 
 def plain_pgd(model: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 200, seed: int = 0) -> np.ndarray:
@@ -337,7 +393,7 @@ def plain_pgd(model: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, steps:
             break
         (grad,) = torch.autograd.grad(margin.clamp(max=10.0).sum(), adv)
         with torch.no_grad():
-            adv = _step(adv, x0, grad, 2.5 * eps / steps, eps)
+            adv = _step(adv, grad, 2.5 * eps / steps, (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0))
     return best.numpy()
 
 
@@ -347,8 +403,10 @@ def adaptive_attack(model: nn.Module, layout: ActivationLayout, copy: ExpectedDe
 
     Runs, for every (weight, temperature, restart): one untargeted run on every image, then (if
     ``cfg.targeted``) one run into each class ``t`` on the images of other classes whose best pass
-    probability is still below ``cfg.goal``. Every iterate is judged by its exact pass probability;
-    per image the best one is kept (ties: the larger slack).
+    probability is still below ``cfg.goal``, then (if ``cfg.bit_lock`` and the defence squeezes to 1 bit)
+    a bit-locked run into each class on the images still below it whose 1-bit copy the greedy search
+    moves into ``t``. Every iterate is judged by its exact pass probability; per image the best one is
+    kept (ties: the larger slack).
     """
     wrapped = ClassifierWithActivations(model, layout, copy.squeezers).eval()
     x_all = torch.from_numpy(np.ascontiguousarray(x, np.float32))
@@ -359,15 +417,25 @@ def adaptive_attack(model: nn.Module, layout: ActivationLayout, copy: ExpectedDe
     best_p, best_slack = np.zeros(n), np.full(n, -np.inf)
     which = np.full(n, -1)
     runs, history = [], []
-    plan = [(w, t, r, target) for w in cfg.weights for t in cfg.temperatures for r in range(cfg.restarts)
+    locks = cfg.targeted and cfg.bit_lock and any(q.kind == "bits" and q.value == 1 for q in copy.squeezers)
+    plan = [(w, t, r, target, False) for w in cfg.weights for t in cfg.temperatures for r in range(cfg.restarts)
             for target in [None, *(range(copy.num_classes) if cfg.targeted else [])]]
+    plan += [(w, t, r, target, True) for w in cfg.weights for t in cfg.temperatures for r in range(cfg.restarts)
+             for target in (range(copy.num_classes) if locks else [])]
     bar = tqdm(total=len(plan), desc=f"adaptive attack eps {cfg.eps}", unit="run", disable=not progress)
-    for weight, temperature, restart, target in plan:
+    for weight, temperature, restart, target, locked in plan:
         rows = np.arange(n) if target is None else np.flatnonzero((best_p < cfg.goal) & (y_all.numpy() != target))
-        name = f"{'untargeted' if target is None else f'into {target}'} w{weight:g} T{temperature:g} r{restart}"
+        box = None
+        if locked and len(rows):
+            aim = torch.full((len(rows),), target, dtype=torch.long)
+            flips, fooled = greedy_flips(model, x_all[rows], y_all[rows], cfg.eps, aim)
+            rows, flips = rows[fooled.numpy()], flips[fooled]
+            box = bit_locked_box(x_all[rows], flips, cfg.eps)
+        aimed = "untargeted" if target is None else ("bit-locked into " if locked else "into ") + str(target)
+        name = f"{aimed} w{weight:g} T{temperature:g} r{restart}"
         if len(rows):
             run = Run(len(runs), target, weight, temperature, step, cfg.seed * 100_003 + len(runs))
-            _run(wrapped, copy, x_all[rows], y_all[rows], rows, run, cfg, (best, best_p, best_slack, which))
+            _run(wrapped, copy, x_all[rows], y_all[rows], rows, run, cfg, (best, best_p, best_slack, which), box)
         runs.append(name)
         history.append(float(best_p.mean()))
         bar.set_postfix(expected=f"{history[-1]:.3f}")
@@ -389,12 +457,14 @@ class Run:
     seed: int
 
 
-def _run(wrapped, copy, x0, true, rows, run: Run, cfg, kept):
-    """``run`` on ``x0``; updates ``kept = (best, best_p, best_slack, which)`` at ``rows`` in place."""
+def _run(wrapped, copy, x0, true, rows, run: Run, cfg, kept, box=None):
+    """``run`` on ``x0`` within ``box = (low, high)`` (default: the L-inf ball in [0, 1]); updates
+    ``kept = (best, best_p, best_slack, which)`` at ``rows`` in place."""
     best, best_p, best_slack, which = kept
     target, weight, temperature, step, run_index = run.target, run.weight, run.temperature, run.step, run.index
+    low, high = box if box is not None else ((x0 - cfg.eps).clamp(min=0.0), (x0 + cfg.eps).clamp(max=1.0))
     gen = torch.Generator().manual_seed(run.seed)
-    adv = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * cfg.eps).clamp(0, 1)
+    adv = torch.minimum(torch.maximum(x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * cfg.eps, low), high)
     aim = None if target is None else torch.full((len(x0),), target, dtype=torch.long)
     for done in range(cfg.steps + 1):
         adv.requires_grad_(True)
@@ -421,4 +491,4 @@ def _run(wrapped, copy, x0, true, rows, run: Run, cfg, kept):
             objective = objective - weight * torch.where(fooled, hinge, torch.zeros_like(hinge))
         (grad,) = torch.autograd.grad(objective.sum(), adv)
         with torch.no_grad():
-            adv = _step(adv, x0, grad, step, cfg.eps)
+            adv = _step(adv, grad, step, low, high)

@@ -9,7 +9,9 @@ one (the gradient at the binary point), until the copy is misclassified or every
 flipped; then the flipped copy projected into the ball is judged by the served default (20 requests).
 
 ``python -m export.adversary.bit_depth_probe --out runs/default`` (about a minute on 2 cores). A greedy
-search is not a bound: the share it fools is a floor on what an attacker can do to the copy.
+search is not a bound: the share it fools is a floor on what an attacker can do to the copy. The joint
+search, flips into a target class and then PGD locked to them, is the white-box attacker's bit-locked
+runs (:mod:`export.adversary.attacker`, ``nfp whitebox``).
 """
 from __future__ import annotations
 
@@ -19,30 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def greedy_flips(model, x: torch.Tensor, y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(flipped 1-bit copies, fooled (N,) bool)``: the greedy search of the module docstring."""
-    binary = torch.round(x)
-    flippable = (x - 0.5).abs() <= eps
-    b, fooled = binary.clone(), torch.zeros(len(x), dtype=torch.bool)
-    for _ in range(int(flippable.flatten(1).sum(1).max())):
-        b.requires_grad_(True)
-        z = model(b)
-        margin = z.scatter(1, y[:, None], -torch.inf).max(1).values - z.gather(1, y[:, None]).squeeze(1)
-        fooled |= (margin > 0).detach()
-        (grad,) = torch.autograd.grad(margin.sum(), b)
-        with torch.no_grad():
-            gain = (grad * (1 - 2 * b)).masked_fill(~flippable | (b != binary), -torch.inf).flatten(1)
-            rows = torch.nonzero(torch.isfinite(gain.max(1).values) & ~fooled).squeeze(1)
-            b = b.detach().flatten(1).clone()
-            best = gain.argmax(1)
-            b[rows, best[rows]] = 1 - b[rows, best[rows]]
-            b = b.view_as(x)
-        if not len(rows):
-            break
-    with torch.no_grad():
-        fooled |= model(b).argmax(1) != y
-    return b, fooled
+from export.adversary.attacker import greedy_flips
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,14 +36,16 @@ def plot_evasion(rows: list[dict[str, Any]], path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    defences = list(dict.fromkeys(r["defence"] for r in rows))  # one colour per defence in both panels
     for ax, (key, title) in zip(axes, [("eot", "send all: misclassified and not flagged, per request"),
                                       ("filter", "filter: sent images the server lets through")]):
-        for defence in dict.fromkeys(r["defence"] for r in rows):
+        for defence in defences:
             pts = [(r["eps"], r[f"{key}_evasion"], *r[f"{key}_ci95"]) for r in rows
                    if r["defence"] == defence and r[f"{key}_evasion"] is not None]
             if pts:
                 x, y, lo, hi = (np.array(v, float) for v in zip(*sorted(pts)))
-                ax.errorbar(x, y, yerr=np.clip([y - lo, hi - y], 0, None), marker="o", capsize=3, label=defence)
+                ax.errorbar(x, y, yerr=np.clip([y - lo, hi - y], 0, None), marker="o", capsize=3, label=defence,
+                            color=f"C{defences.index(defence)}")
         ax.axhline(0.10, color="gray", lw=0.8, ls="--", label="target")
         ax.set_xlabel("L-inf budget eps")
         ax.set_ylabel("evasion rate (95% CI)")

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="random starts per weight and temperature (default: %(default)s)")
     p.add_argument("--untargeted-only", action="store_true",
                    help="skip the runs into every other class (the weaker attacker of earlier sessions)")
+    p.add_argument("--no-bit-lock", action="store_true",
+                   help="skip the bit-locked runs against a defence that squeezes to 1 bit: flips of the 1-bit "
+                        "copy into each class by a greedy search, then PGD locked to them (the attacker "
+                        "before 2026-12-07)")
     p.add_argument("--send-at", type=float, default=0.5,
                    help="filter strategy: send an image when the attacker's exact pass probability is at "
                         "least this (default: %(default)s)")
@@ -72,6 +76,7 @@ class Config(CommandConfig):
     temperatures: tuple[float, ...]
     restarts: int
     untargeted_only: bool
+    no_bit_lock: bool
     send_at: float
     draws: int
     defences: tuple[str, ...]
@@ -88,7 +93,8 @@ def run(cfg: Config, ws, progress: bool) -> dict:
     from export.adversary.whitebox import WhiteboxConfig, whitebox
 
     attack = AttackConfig(max(cfg.eps), weights=tuple(cfg.weights), temperatures=tuple(cfg.temperatures),
-                          restarts=cfg.restarts, targeted=not cfg.untargeted_only)
+                          restarts=cfg.restarts, targeted=not cfg.untargeted_only,
+                          bit_lock=not cfg.no_bit_lock)
     experiment = WhiteboxConfig(cfg.fpr, cfg.whitebox_seed, tuple(cfg.eps), cfg.count, cfg.steps, cfg.draws,
                                 tuple(cfg.defences), attack, cfg.send_at,
                                 Hardening(cfg.harden_rounds, cfg.harden_count, steps=cfg.harden_steps),

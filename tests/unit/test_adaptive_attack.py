@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from export.models.activations import capture_activations
-from export.adversary.attacker import AttackConfig, ExpectedDetector, adaptive_attack, member_thresholds, plain_pgd
+from export.adversary.attacker import (AttackConfig, ExpectedDetector, adaptive_attack, bit_locked_box, greedy_flips,
+                                      member_thresholds, plain_pgd)
+from kernels.errors import InvalidInputError
 from kernels.bank import Bank
 from kernels.baselines import LogitMargin
 from kernels.detector import AllFingerprints, FingerprintDetector, Observations, PValueFusion, RandomDraws
@@ -269,3 +271,45 @@ def test_the_strong_attacker_attacks_feature_squeezing_through_bpda_and_knows_wh
 
     assert evasion(strong.x_adv) > evasion(plain) + 0.03
     assert abs(evasion(strong.x_adv) - strong.pass_probability.mean()) < 0.03
+    unlocked = adaptive_attack(small_model, layout, ExpectedDetector(fused, 0.05), x, y,
+                               AttackConfig(0.3, steps=25, seed=3, bit_lock=False))
+    print("BITLOCK", evasion(strong.x_adv), evasion(unlocked.x_adv), strong.pass_probability.mean(),
+          unlocked.pass_probability.mean(), [strong.runs[i] for i in set(strong.run.tolist()) if i >= 0])
+
+
+def test_a_bit_locked_box_is_the_part_of_the_ball_whose_1_bit_copy_is_the_given_one():
+    """Pixel by pixel (the box is a product), against every value of a fine grid over the ball: a value
+    lies in the box exactly when it rounds to the copy's bit; a flip out of reach is refused."""
+    rng = np.random.default_rng(0)
+    eps = 0.1
+    x0 = torch.from_numpy(rng.random((2, 1, 6, 6)).astype(np.float32))
+    x0[0, 0, 0, :5] = torch.tensor([0.5, 0.45, 0.55, 0.4, 0.6])  # at, near and exactly eps from 0.5
+    own = torch.round(x0)
+    reachable = torch.where(own > 0.5, x0 - eps <= 0.5, x0 + eps > 0.5)  # 0.4 cannot reach 1 (0.5 rounds to 0)
+    flip = reachable & torch.from_numpy(rng.random(x0.shape) < 0.5)
+    copy = torch.where(flip, 1 - own, own)
+    low, high = bit_locked_box(x0, copy, eps)
+    for v0, bit, lo, hi in zip(x0.flatten().tolist(), copy.flatten().tolist(), low.flatten().tolist(),
+                               high.flatten().tolist()):
+        grid = torch.linspace(max(v0 - eps, 0.0), min(v0 + eps, 1.0), 401)
+        grid = torch.cat([grid, torch.tensor([0.5, float(np.nextafter(np.float32(0.5), np.float32(1)))])])
+        grid = grid[(grid >= v0 - eps) & (grid <= v0 + eps)]
+        inside = (grid >= lo) & (grid <= hi)
+        assert torch.equal(inside, torch.round(grid) == bit), (v0, bit, lo, hi)
+    out_of_reach = own.clone()
+    far = tuple((~reachable).nonzero()[0])
+    out_of_reach[far] = 1 - out_of_reach[far]
+    with pytest.raises(InvalidInputError, match="farther than eps 0.1 from 0.5"):
+        bit_locked_box(x0, out_of_reach, eps)
+
+
+def test_greedy_flips_into_a_target_flip_only_reachable_pixels_until_the_copy_is_the_target(small_model,
+                                                                                             guarded_small_model):
+    _, _, x, y = guarded_small_model
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    target = (y + 1) % 10
+    flips, fooled = greedy_flips(small_model, x, y, 0.3, target)
+    assert not ((flips != torch.round(x)) & ((x - 0.5).abs() > 0.3)).any()
+    with torch.no_grad():
+        assert torch.equal(small_model(flips).argmax(1) == target, fooled)
+    assert 0 < fooled.float().mean() < 1, fooled.float().mean()
