@@ -271,10 +271,34 @@ def test_the_strong_attacker_attacks_feature_squeezing_through_bpda_and_knows_wh
 
     assert evasion(strong.x_adv) > evasion(plain) + 0.03
     assert abs(evasion(strong.x_adv) - strong.pass_probability.mean()) < 0.03
-    unlocked = adaptive_attack(small_model, layout, ExpectedDetector(fused, 0.05), x, y,
-                               AttackConfig(0.3, steps=25, seed=3, bit_lock=False))
-    print("BITLOCK", evasion(strong.x_adv), evasion(unlocked.x_adv), strong.pass_probability.mean(),
-          unlocked.pass_probability.mean(), [strong.runs[i] for i in set(strong.run.tolist()) if i >= 0])
+    assert [r for r in strong.runs if r.startswith("bit-locked")] == [f"bit-locked into {t} w10 T10 r0" for t in range(10)]
+    assert strong.history == sorted(strong.history)
+
+
+def test_a_bit_locked_run_moves_only_inside_its_box(small_model, squeezing_small_model):
+    """Every iterate of a bit-locked run keeps the 1-bit copy the greedy search chose and stays in the ball."""
+    from export.adversary.attacker import Run, _run
+    from export.models.onnx_export import ClassifierWithActivations
+
+    fused, layout, x, y = squeezing_small_model
+    copy = ExpectedDetector(fused, 0.05)
+    x0, true = torch.from_numpy(x), torch.from_numpy(y)
+    target = (true + 1) % 10
+    flips, fooled = greedy_flips(small_model, x0, true, 0.3, target)
+    rows = np.flatnonzero(fooled.numpy())
+    low, high = bit_locked_box(x0[rows], flips[fooled], 0.3)
+    seen = []
+    wrapped = ClassifierWithActivations(small_model, layout, copy.squeezers).eval()
+    original = wrapped.forward
+    wrapped.forward = lambda images: (seen.append(images.detach().clone()), original(images))[1]
+    n = len(x)
+    kept = (x0.clone(), np.full(n, -1.0), np.full(n, -np.inf), np.full(n, -1))
+    run = Run(0, None, 10.0, 10.0, 0.03, 0)  # whatever the objective, the iterates stay in the box
+    _run(wrapped, copy, x0[rows], true[rows], rows, run, AttackConfig(0.3, steps=8), kept, (low, high))
+    assert len(seen) == 9
+    for images in seen:
+        assert torch.equal(torch.round(images), flips[fooled])
+        assert (images - x0[rows]).abs().max() <= 0.3 + 1e-6 and images.min() >= 0 and images.max() <= 1
 
 
 def test_a_bit_locked_box_is_the_part_of_the_ball_whose_1_bit_copy_is_the_given_one():

@@ -99,12 +99,12 @@ def test_the_attacker_differentiates_through_the_squeezers_bpda():
     assert x[grad != 0].item() == torch.median(x[0, 0, 1:4, 1:4]).item()
 
 
-def test_the_bit_depth_probe_flips_only_pixels_within_eps_of_the_rounding_point_once_each():
+def test_the_greedy_search_flips_only_pixels_within_eps_of_the_rounding_point_once_each():
     """The discrete check beside the gradient attacker: a greedy search over the 1-bit copy, checked on a linear
     classifier where the best flips are known (those of the largest weights toward the wrong class)."""
     import torch
 
-    from export.adversary.bit_depth_probe import greedy_flips
+    from export.adversary.attacker import greedy_flips
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2, bias=False))
