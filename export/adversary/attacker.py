@@ -382,6 +382,7 @@ def plain_pgd(model: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, steps:
     gen = torch.Generator().manual_seed(seed)
     adv = (x0 + (torch.rand(x0.shape, generator=gen) * 2 - 1) * eps).clamp(0, 1)
     best, best_margin = x0.clone(), torch.full((len(x0),), -torch.inf)
+    low, high = (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0)
     model = model.eval()
     for done in range(steps + 1):
         adv.requires_grad_(True)
@@ -393,7 +394,7 @@ def plain_pgd(model: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, steps:
             break
         (grad,) = torch.autograd.grad(margin.clamp(max=10.0).sum(), adv)
         with torch.no_grad():
-            adv = _step(adv, grad, 2.5 * eps / steps, (x0 - eps).clamp(min=0.0), (x0 + eps).clamp(max=1.0))
+            adv = _step(adv, grad, 2.5 * eps / steps, low, high)
     return best.numpy()
 
 

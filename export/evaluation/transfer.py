@@ -108,8 +108,9 @@ def family_sets(ws: Workspace, images: int, seed: int, progress: bool
     tests, family_of = {}, {}
     for i, fam in enumerate(FAMILIES):
         if fam.bank:
-            bank_data[fam.name] = Observations.concat([_attacked(ws, f"fit_{_label(t, meta['dataset'])}", t, fit_pool, images,
-                                                     seed + 10 * i + j, progress) for j, t in enumerate(fam.bank)])
+            bank_data[fam.name] = Observations.concat([
+                _attacked(ws, f"fit_{_label(t, meta['dataset'])}", t, fit_pool, images, seed + 10 * i + j, progress)
+                for j, t in enumerate(fam.bank)])
         for t in fam.test:
             if ":" not in t:  # an evaluation attack: measured where the pipeline ran it
                 label, obs = t, evaluated.get(t)
